@@ -1,0 +1,43 @@
+"""Every failure a user can cause or meet is a FocalSearchError with a one-line message."""
+
+from __future__ import annotations
+
+
+class FocalSearchError(Exception):
+    """Base of all user-facing failures. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UserError(FocalSearchError):
+    """The user asked for something that cannot be done as asked (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(UserError):
+    """A model name or path could not be resolved or loaded."""
+
+
+class UnknownConditionError(UserError):
+    """A query named an instruction that the index has no condition for."""
+
+
+class ModelMismatchError(UserError):
+    """The model asked for differs from the model an index was built with."""
+
+
+class InvalidImageError(UserError):
+    """A query image could not be read as an image."""
+
+
+class IndexNotFoundError(UserError):
+    """The index folder does not exist or holds no conditions."""
+
+
+class IndexBusyError(UserError):
+    """Another process is writing to the same index."""
+
+
+class StorageError(FocalSearchError):
+    """Writing to the index failed (for example a full disk); committed rows are kept."""
