@@ -1,0 +1,159 @@
+"""The ConditionalEncoder interface and its CLIP-family implementations."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from focalsearch.errors import UserError
+from focalsearch.models.focallens_clip import FocalLensCLIPModel
+from focalsearch.models.loading import ModelRef, load_clip_family, resolve_model
+
+ENCODERS = ("focallens", "clip", "clip+text")
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What produced a set of vectors: recorded with every condition and shown to users."""
+
+    encoder: str
+    model: str
+    dim: int
+
+
+def normalize_instruction(instruction: str | None) -> str:
+    """Canonical form of an instruction: trimmed, single-spaced, lower case ('' = unconditional)."""
+    return " ".join((instruction or "").split()).lower()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' is CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+class ConditionalEncoder:
+    """Encodes images under an instruction, and texts, into L2-normalised float32 vectors.
+
+    ``encoder`` picks how the instruction is used:
+    - ``focallens``: instruction tokens join the ViT's sequence (FocalLens-CLIP checkpoints);
+    - ``clip``: the instruction is ignored;
+    - ``clip+text``: normalised mean of the image and the instruction's text embedding.
+    An empty instruction always gives the plain CLIP image embedding.
+    """
+
+    def __init__(self, ref: ModelRef, encoder: str = "auto", device: str = "auto", batch_size: int = 32):
+        model, tokenizer, processor = load_clip_family(ref)
+        is_focallens = isinstance(model, FocalLensCLIPModel)
+        if encoder == "auto":
+            encoder = "focallens" if is_focallens else "clip+text"
+        if encoder not in ENCODERS:
+            raise UserError(f"unknown encoder {encoder!r}; use one of: auto, {', '.join(ENCODERS)}")
+        if encoder == "focallens" and not is_focallens:
+            raise UserError(
+                f"model {ref.model_id} is a plain CLIP checkpoint; use --encoder clip or clip+text, "
+                "or turn it into FocalLens-CLIP with `focalsearch model init`"
+            )
+        self.device = pick_device(device)
+        self.dtype = _dtype_for(self.device)
+        self.model = model.to(self.device, dtype=self.dtype)
+        self.tokenizer = tokenizer
+        self.image_processor = processor
+        self.batch_size = batch_size
+        self.info = EncoderInfo(encoder=encoder, model=ref.model_id, dim=model.config.projection_dim)
+        self._instruction_cache: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    # -- inputs -------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize, crop and normalise RGB images into a (N, 3, H, W) float32 tensor."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def _tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        limit = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=min(max_length or limit, limit),
+            return_tensors="pt",
+        )
+        return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+    # -- instruction features, computed once per instruction ----------------------------------
+    def _instruction_features(self, instruction: str):
+        with self._lock:
+            if instruction not in self._instruction_cache:
+                if self.info.encoder == "focallens":
+                    tokens = self._tokenize([instruction], self.model.config.instruction_max_length)
+                    keep = tokens["attention_mask"][0].bool()
+                    ids = tokens["input_ids"][:, keep]
+                    self._instruction_cache[instruction] = self.model.instruction_tokens(ids)
+                else:
+                    self._instruction_cache[instruction] = self._text_features([instruction])[0]
+            return self._instruction_cache[instruction]
+
+    # -- encoding -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor, instruction: str = "") -> np.ndarray:
+        """Encode a preprocessed batch under one instruction."""
+        instruction = normalize_instruction(instruction)
+        pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
+        if not instruction or self.info.encoder == "clip":
+            features = _l2_normalize(self.model.get_image_features(pixel_values=pixels).pooler_output)
+        elif self.info.encoder == "focallens":
+            tokens = self._instruction_features(instruction)
+            features = _l2_normalize(self.model.conditional_image_features(pixels, tokens))
+        else:
+            text = self._instruction_features(instruction)
+            image = _l2_normalize(self.model.get_image_features(pixel_values=pixels).pooler_output)
+            features = _l2_normalize(image + text[None, :])
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_images(self, images: Sequence[Image.Image], instruction: str = "") -> np.ndarray:
+        """Encode RGB images under an instruction, in batches."""
+        chunks = [
+            self.encode_pixels(self.preprocess(images[i : i + self.batch_size]), instruction)
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.info.dim), np.float32)
+
+    @torch.inference_mode()
+    def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self._tokenize(texts)
+        return _l2_normalize(self.model.get_text_features(**tokens).pooler_output)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode texts with the text tower, in batches."""
+        chunks = [
+            self._text_features(texts[i : i + self.batch_size]).cpu().numpy()
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, self.info.dim), np.float32)
+
+
+def create_encoder(
+    model: str | None = None, encoder: str = "auto", device: str = "auto", batch_size: int = 32
+) -> ConditionalEncoder:
+    """Load a ConditionalEncoder from a hub id or local folder (None = the default model)."""
+    return ConditionalEncoder(resolve_model(model), encoder=encoder, device=device, batch_size=batch_size)

@@ -1,0 +1,91 @@
+"""Resolve a model name or path and load CLIP / FocalLens-CLIP checkpoints (safetensors only)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from focalsearch.errors import ModelLoadError
+
+# The paper's backbone. Plain CLIP checkpoints are served by the training-free `clip+text`
+# encoder; pass a FocalLens-CLIP checkpoint (`focalsearch model init`, training) for conditioning.
+DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
+MODEL_ENV_VAR = "FOCALSEARCH_MODEL"
+
+_OFFLINE_HINT = (
+    "pass --model PATH to a local checkpoint folder "
+    "(see README, 'Offline quick start')"
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: ``location`` is what from_pretrained gets, ``model_id`` is recorded."""
+
+    model_id: str
+    location: str
+    is_local: bool
+
+
+def default_model() -> str:
+    """The model used when none is named: $FOCALSEARCH_MODEL, else DEFAULT_MODEL."""
+    return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
+
+
+def resolve_model(name_or_path: str | None) -> ModelRef:
+    """Turn a hub id or a local folder into a ModelRef; local folders are recorded by absolute path."""
+    name = name_or_path or default_model()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {path} has no config.json; {_OFFLINE_HINT}")
+        resolved = str(path.resolve())
+        return ModelRef(model_id=resolved, location=resolved, is_local=True)
+    # A hub id is "name" or "owner/name"; anything else can only have meant a local folder.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model folder {name} does not exist; {_OFFLINE_HINT}")
+    return ModelRef(model_id=name, location=name, is_local=False)
+
+
+def load_config(ref: ModelRef):
+    """Load the checkpoint's config (CLIPConfig or FocalLensCLIPConfig)."""
+    from transformers import AutoConfig
+
+    import focalsearch.models.focallens_clip  # noqa: F401  (registers the model type)
+
+    try:
+        return AutoConfig.from_pretrained(ref.location)
+    except Exception as exc:  # transformers/hub raise many kinds; all mean "cannot load"
+        raise ModelLoadError(_cannot_load(ref, exc)) from exc
+
+
+def load_clip_family(ref: ModelRef):
+    """Load model, tokenizer and image processor; the model is a CLIPModel or FocalLensCLIPModel."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
+
+    config = load_config(ref)
+    if isinstance(config, FocalLensCLIPConfig):
+        model_class = FocalLensCLIPModel
+    elif config.model_type == "clip":
+        model_class = CLIPModel
+    else:
+        raise ModelLoadError(
+            f"model {ref.model_id} is a '{config.model_type}' checkpoint; "
+            "FocalSearch needs a CLIP or FocalLens-CLIP checkpoint"
+        )
+    try:
+        model = model_class.from_pretrained(ref.location, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(ref.location)
+        processor = AutoImageProcessor.from_pretrained(ref.location)
+    except Exception as exc:
+        raise ModelLoadError(_cannot_load(ref, exc)) from exc
+    return model.eval(), tokenizer, processor
+
+
+def _cannot_load(ref: ModelRef, exc: Exception) -> str:
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    where = "folder" if ref.is_local else "hub id (offline or not found?)"
+    return f"cannot load model {ref.model_id} as a {where}: {reason}; {_OFFLINE_HINT}"
