@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,34 @@ def resolve_model(name_or_path: str | None) -> ModelRef:
     return ModelRef(model_id=name, location=name, is_local=False)
 
 
-def load_config(ref: ModelRef):
+def _hub_reachable() -> bool:
+    """Whether the model hub answers at all; without this, an offline load retries for half a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_options(ref: ModelRef) -> dict:
+    return {} if ref.is_local or _hub_reachable() else {"local_files_only": True}
+
+
+def load_config(ref: ModelRef, options: dict | None = None):
     """Load the checkpoint's config (CLIPConfig or FocalLensCLIPConfig)."""
     from transformers import AutoConfig
 
     import focalsearch.models.focallens_clip  # noqa: F401  (registers the model type)
 
     try:
-        return AutoConfig.from_pretrained(ref.location)
+        return AutoConfig.from_pretrained(ref.location, **(options if options is not None else _load_options(ref)))
     except Exception as exc:  # transformers/hub raise many kinds; all mean "cannot load"
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
 
@@ -66,7 +87,8 @@ def load_clip_family(ref: ModelRef):
 
     from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
 
-    config = load_config(ref)
+    options = _load_options(ref)
+    config = load_config(ref, options)
     if isinstance(config, FocalLensCLIPConfig):
         model_class = FocalLensCLIPModel
     elif config.model_type == "clip":
@@ -77,15 +99,17 @@ def load_clip_family(ref: ModelRef):
             "FocalSearch needs a CLIP or FocalLens-CLIP checkpoint"
         )
     try:
-        model = model_class.from_pretrained(ref.location, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(ref.location)
-        processor = AutoImageProcessor.from_pretrained(ref.location)
+        model = model_class.from_pretrained(ref.location, use_safetensors=True, **options)
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, **options)
+        processor = AutoImageProcessor.from_pretrained(ref.location, **options)
     except Exception as exc:
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
     return model.eval(), tokenizer, processor
 
 
 def _cannot_load(ref: ModelRef, exc: Exception) -> str:
+    if not ref.is_local and not _hub_reachable():
+        return f"cannot load model {ref.model_id}: the model hub is unreachable (offline) and it is not in the local cache; {_OFFLINE_HINT}"
     reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-    where = "folder" if ref.is_local else "hub id (offline or not found?)"
-    return f"cannot load model {ref.model_id} as a {where}: {reason}; {_OFFLINE_HINT}"
+    where = "local folder" if ref.is_local else "hub id"
+    return f"cannot load model {ref.model_id} ({where}): {reason}; {_OFFLINE_HINT}"

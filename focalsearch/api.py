@@ -1,0 +1,216 @@
+"""FocalSearch: the library entry point. The CLI is a thin layer over this class."""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from focalsearch.errors import IndexBusyError, ModelMismatchError, UnknownConditionError, UserError
+from focalsearch.images import DEFAULT_MAX_PIXELS, open_query_image
+from focalsearch.store import DEFAULT_INDEX_DIR, Condition, Store
+
+_ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
+
+
+@dataclass(frozen=True)
+class ConditionSummary:
+    """A condition as users see it: instruction, how it was built, and its size."""
+
+    instruction: str
+    model: str
+    encoder: str
+    dim: int
+    rows: int
+    created_at: str
+    updated_at: str
+    table: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The ranked hits of one query, with the condition and model that produced them."""
+
+    query: str
+    instruction: str
+    model: str
+    encoder: str
+    results: list  # list[focalsearch.search.Hit]
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "instruction": self.instruction,
+            "model": self.model,
+            "encoder": self.encoder,
+            "results": [{"rank": h.rank, "path": h.path, "score": round(h.score, 6)} for h in self.results],
+        }
+
+
+def _quote(instruction: str) -> str:
+    return f'"{instruction}"' if instruction else '"" (unconditional)'
+
+
+class FocalSearch:
+    """Index image folders under instructions and search them by image or text.
+
+    ``model`` is a hub id or local checkpoint folder; None means the index's own model, or the
+    default model for a new index. The model is loaded only when something needs encoding.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path = DEFAULT_INDEX_DIR,
+        model: str | None = None,
+        *,
+        encoder: str = "auto",
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if encoder not in _ENCODER_NAMES:
+            raise UserError(f"unknown encoder {encoder!r}; use one of: {', '.join(_ENCODER_NAMES)}")
+        if batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        self.index_dir = Path(index_dir).expanduser()
+        self.model = model
+        self.encoder_name = encoder
+        self.device = device
+        self.batch_size = batch_size
+        self.workers = workers
+        self.max_pixels = max_pixels
+        self._encoder = None
+        self._store: Store | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _open_store(self, create: bool = False) -> Store:
+        if self._store is None or (create and not self._store.root.exists()):
+            self._store = Store(self.index_dir, create=create)
+        return self._store
+
+    def _index_model(self, store: Store) -> tuple[str, str] | None:
+        conditions = store.conditions()
+        return (conditions[0].model, conditions[0].encoder) if conditions else None
+
+    def _load_encoder(self, recorded: tuple[str, str] | None):
+        """Load the encoder, checking that it matches what the index was built with."""
+        from focalsearch.models import create_encoder, resolve_model
+
+        if recorded is not None:
+            recorded_model, recorded_encoder = recorded
+            if self.model is not None and resolve_model(self.model).model_id != recorded_model:
+                raise ModelMismatchError(
+                    f"index {self.index_dir} was built with model {recorded_model}, not "
+                    f"{resolve_model(self.model).model_id}; drop --model or use another --index"
+                )
+            if self.encoder_name not in ("auto", recorded_encoder):
+                raise ModelMismatchError(
+                    f"index {self.index_dir} was built with encoder {recorded_encoder}, not {self.encoder_name}"
+                )
+            model, encoder = recorded_model, recorded_encoder
+        else:
+            model, encoder = self.model, self.encoder_name
+        if self._encoder is None or self._encoder.info.model != resolve_model(model).model_id:
+            self._encoder = create_encoder(model, encoder=encoder, device=self.device, batch_size=self.batch_size)
+        return self._encoder
+
+    @contextmanager
+    def _write_lock(self, store: Store) -> Iterator[None]:
+        handle = open(store.root / ".lock", "w")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexBusyError(f"index {store.root} is being updated by another process; try again later") from None
+            yield
+        finally:
+            handle.close()
+
+    # -- public API -------------------------------------------------------------------------------
+    def index(self, paths: Sequence[str | Path], instructions: Sequence[str] = ("",), *, progress: bool = False):
+        """Encode the images under ``paths`` for each instruction; returns an IndexReport.
+
+        Unchanged files are skipped, changed files re-encoded, vanished files removed.
+        """
+        from focalsearch.indexer import Indexer
+        from focalsearch.models import normalize_instruction
+        from focalsearch.search import load_condition_index
+
+        if not paths:
+            raise UserError("give at least one image file or folder to index")
+        missing = [str(p) for p in paths if not Path(p).expanduser().exists()]
+        if missing:
+            raise UserError(f"path not found: {missing[0]}")
+        wanted = list(dict.fromkeys(normalize_instruction(i) for i in (instructions or [""])))
+        store = self._open_store(create=True)
+        with self._write_lock(store):
+            encoder = self._load_encoder(self._index_model(store))
+            info = encoder.info
+            conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
+            indexer = Indexer(
+                store, encoder, batch_size=self.batch_size, workers=self.workers,
+                max_pixels=self.max_pixels, progress=progress,
+            )
+            report = indexer.run(paths, conditions)
+            for condition in conditions:
+                load_condition_index(store, condition)  # rebuilds the derived FAISS index if the table changed
+        return report
+
+    def conditions(self) -> list[ConditionSummary]:
+        """Every condition in the index with its model, encoder and row count."""
+        store = self._open_store()
+        return [
+            ConditionSummary(
+                instruction=c.instruction, model=c.model, encoder=c.encoder, dim=c.dim,
+                rows=store.count(c), created_at=c.created_at.isoformat(timespec="seconds"),
+                updated_at=c.updated_at.isoformat(timespec="seconds"), table=c.table,
+            )
+            for c in store.conditions()
+        ]
+
+    def condition(self, instruction: str) -> Condition:
+        """The indexed condition for an instruction, or an error naming the ones there are."""
+        from focalsearch.models import normalize_instruction
+
+        store = self._open_store()
+        wanted = normalize_instruction(instruction)
+        found = store.find(wanted)
+        if found is not None:
+            return found
+        known = ", ".join(_quote(c.instruction) for c in store.conditions()) or "none"
+        raise UnknownConditionError(
+            f"instruction {_quote(wanted)} is not indexed in {store.root} (indexed: {known}); add it with: "
+            f"focalsearch index PATH --instruction \"{wanted}\" --index {store.root}"
+        )
+
+    def search(
+        self,
+        *,
+        image: str | Path | None = None,
+        text: str | None = None,
+        instruction: str = "",
+        k: int = 10,
+    ) -> SearchResult:
+        """Search the condition of ``instruction`` by a query image or a query text."""
+        from focalsearch.search import load_condition_index, search_index
+
+        if (image is None) == (text is None):
+            raise UserError("give either a query image or --text, not both or neither")
+        if k < 1:
+            raise UserError("-k must be at least 1")
+        store = self._open_store()
+        condition = self.condition(instruction)
+        query_image = open_query_image(image, max_pixels=self.max_pixels) if image is not None else None
+        encoder = self._load_encoder((condition.model, condition.encoder))
+        if query_image is not None:
+            vector = encoder.encode_images([query_image.image], condition.instruction)[0]
+            exclude, query = str(query_image.stat.path), str(image)
+        else:
+            vector = encoder.encode_texts([text])[0]
+            exclude, query = None, text
+        hits = search_index(load_condition_index(store, condition), vector, k, exclude=exclude)
+        return SearchResult(query, condition.instruction, condition.model, condition.encoder, hits)
+

@@ -1,0 +1,186 @@
+"""The `focalsearch` command line: parse options, call the library, print a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from focalsearch.errors import FocalSearchError
+
+app = typer.Typer(
+    help="Instruction-conditioned image search: index folders under instructions, then search by image or text.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Create and inspect FocalLens-CLIP checkpoints.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+IndexDir = Annotated[Path, typer.Option("--index", help="Index folder.")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Hub id or local checkpoint folder (default: the index's model, else $FOCALSEARCH_MODEL or the built-in default)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+DEFAULT_INDEX = Path("indexes/default")
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _quiet_libraries() -> None:
+    # Loading and saving checkpoints prints progress bars and notices that are noise on a CLI.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _run(action):
+    """Call ``action``; turn every failure into one line on stderr and an exit code."""
+    try:
+        return action()
+    except FocalSearchError as exc:
+        _fail(" ".join(str(exc).split()), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; committed batches are kept, rerun the same command to resume", 130)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # an internal failure: one line, the traceback only on request
+        if os.environ.get("FOCALSEARCH_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (set FOCALSEARCH_DEBUG=1 for a traceback)", 1)
+
+
+@app.command()
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (scanned recursively).")],
+    instruction: Annotated[
+        Optional[list[str]], typer.Option("--instruction", "-i", help="Instruction to index under; repeat for several. None: unconditional.")
+    ] = None,
+    index_dir: IndexDir = DEFAULT_INDEX,
+    model: ModelOpt = None,
+    encoder: Annotated[str, typer.Option("--encoder", help="auto, focallens, clip or clip+text.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder batch and per commit.")] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decode threads.")] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip images with more pixels (decompression-bomb limit).")] = 178_956_970,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode the images under PATHS for each instruction into the index (incremental)."""
+    from focalsearch.api import FocalSearch
+
+    _quiet_libraries()
+    engine = FocalSearch(
+        index_dir, model, encoder=encoder, device=device, batch_size=batch_size, workers=workers, max_pixels=max_pixels
+    )
+    report = _run(lambda: engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty()))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    typer.echo(f"model:     {report.model} (encoder {report.encoder})")
+    typer.echo(
+        f"encoded:   {report.encoded}   unchanged: {report.unchanged}   removed: {report.removed}   "
+        f"skipped: {len(report.skipped)}"
+    )
+    for skipped in report.skipped:
+        typer.echo(f"  skipped {skipped.path}: {skipped.reason}")
+    for name, rows in report.conditions.items():
+        typer.echo(f"condition {_label(name)}: {rows} rows")
+    t = report.timings
+    typer.echo(
+        f"{report.images_per_second:.1f} images/s over {report.seconds:.1f} s "
+        f"(scan {t['scan']:.1f} s, decode {t['decode']:.1f} s in workers, encode {t['encode']:.1f} s, write {t['write']:.1f} s)"
+    )
+
+
+def _label(instruction: str) -> str:
+    return f'"{instruction}"' if instruction else "(unconditional)"
+
+
+@app.command()
+def query(
+    image: Annotated[Optional[Path], typer.Argument(help="Query image (image→image search).")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query text (text→image search).")] = None,
+    instruction: Annotated[str, typer.Option("--instruction", "-i", help="The condition to search under.")] = "",
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of results.")] = 10,
+    index_dir: IndexDir = DEFAULT_INDEX,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    paths_only: Annotated[bool, typer.Option("--paths-only", help="Print only result paths, one per line.")] = False,
+) -> None:
+    """Search the index by an image or a text under an instruction."""
+    from focalsearch.api import FocalSearch
+
+    _quiet_libraries()
+    engine = FocalSearch(index_dir, model, device=device)
+    result = _run(lambda: engine.search(image=image, text=text, instruction=instruction, k=k))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    elif paths_only:
+        for hit in result.results:
+            typer.echo(hit.path)
+    else:
+        typer.echo(f"query {result.query!r} under {_label(result.instruction)} ({result.model}, {result.encoder})")
+        for hit in result.results:
+            typer.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.path}")
+
+
+@app.command()
+def conditions(index_dir: IndexDir = DEFAULT_INDEX, as_json: JsonOpt = False) -> None:
+    """List the index's conditions: instruction, model, encoder, rows and update time."""
+    from dataclasses import asdict
+
+    from focalsearch.api import FocalSearch
+
+    summaries = _run(lambda: FocalSearch(index_dir).conditions())
+    if as_json:
+        typer.echo(json.dumps({"index": str(index_dir.resolve()), "conditions": [asdict(s) for s in summaries]}))
+        return
+    if not summaries:
+        typer.echo(f"no conditions in {index_dir}")
+    for s in summaries:
+        typer.echo(f"{_label(s.instruction):<30} {s.rows:>8} rows  {s.encoder:<10} {s.model}  updated {s.updated_at}")
+
+
+@model_app.command("init")
+def model_init(
+    base: Annotated[str, typer.Argument(help="CLIP checkpoint: hub id or local folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the FocalLens-CLIP checkpoint to.")],
+    instruction_max_length: Annotated[int, typer.Option(min=1, help="Most instruction tokens the vision tower sees.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the instruction projection's initialisation.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Turn a CLIP checkpoint into a FocalLens-CLIP checkpoint (instruction projection untrained)."""
+    _quiet_libraries()
+    from focalsearch.models.init_checkpoint import init_focallens_checkpoint
+
+    written = _run(
+        lambda: init_focallens_checkpoint(
+            base, out, instruction_max_length=instruction_max_length, seed=seed, overwrite=overwrite
+        )
+    )
+    typer.echo(f"wrote FocalLens-CLIP checkpoint {written} from {base}")
+    typer.echo(
+        "note: its instruction projection is untrained (random), so conditional embeddings are not yet "
+        "meaningful; the unconditional embedding equals the base CLIP's exactly."
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Safe image loading: the only module that decodes image files."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import logging
+import os
+import stat as stat_mod
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from focalsearch.errors import InvalidImageError, UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+DEFAULT_MAX_PIXELS: int = 178_956_970
+
+# Only plain raster formats; this keeps out plugins that shell out (EPS runs
+# Ghostscript) and header-less formats (TGA) that "identify" random bytes.
+_WANTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "AVIF")
+
+# We enforce max_pixels ourselves, so PIL's warning for images between its
+# MAX_IMAGE_PIXELS and our (larger) default limit is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_pil_limit_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """Cheap identity of a file on disk."""
+
+    path: Path  # absolute, resolved
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded RGB image (EXIF orientation applied) with its file identity and hash."""
+
+    stat: FileStat
+    image: Image.Image
+    width: int
+    height: int
+    content_hash: str  # sha256 hex of the exact bytes that were decoded
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """A file that could not be used as an image, with a short human reason."""
+
+    path: Path
+    reason: str
+
+
+def _resolve(path: str | Path) -> Path:
+    # os.path.realpath does not raise on symlink loops (Path.resolve does on 3.11).
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def stat_file(path: Path) -> FileStat:
+    """Stat ``path`` (following symlinks); raises OSError if it cannot be stat'ed."""
+    st = os.stat(resolved := _resolve(path))
+    return FileStat(path=resolved, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _walk(root: Path, visited: set[tuple[int, int]]) -> Iterator[Path]:
+    """Yield image files under ``root``, skipping hidden entries; ``visited`` breaks symlink loops."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in visited:
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            logger.warning("skipping unreadable folder %s: %s", folder, exc.strerror or exc)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    yield Path(entry.path)
+            except OSError:  # e.g. a self-referencing symlink (ELOOP)
+                continue
+
+
+def scan_images(paths: Iterable[str | Path]) -> list[FileStat]:
+    """Image files from files and (recursively) folders, deduplicated and sorted by path.
+
+    Raises UserError if a given path does not exist.
+    """
+    found: dict[Path, FileStat] = {}
+    visited: set[tuple[int, int]] = set()
+    for raw in paths:
+        root = Path(os.path.expanduser(raw))
+        if not root.exists():
+            raise UserError(f"path not found: {raw}")
+        # An explicitly named file is kept whatever its extension: the user asked for it.
+        candidates = _walk(root, visited) if root.is_dir() else iter([root])
+        for candidate in candidates:
+            try:
+                st = stat_file(candidate)
+            except OSError:  # vanished or became unreadable while scanning
+                continue
+            found.setdefault(st.path, st)
+    return sorted(found.values(), key=lambda s: s.path)
+
+
+@functools.cache
+def _decode_formats() -> tuple[str, ...]:
+    Image.init()
+    # Image.open raises KeyError for a format name it does not know, so keep only registered ones.
+    return tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Keep PIL's global bomb check from rejecting what a larger ``max_pixels`` allows."""
+    # PIL raises above 2 * Image.MAX_IMAGE_PIXELS at open and again during load
+    # (GIF frames, TIFF tiles), before our own check could run. For a larger user
+    # limit, set the global to max_pixels (PIL then only warns about images we
+    # reject anyway) under a lock for the whole open+decode, then restore it.
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or 2 * current >= max_pixels:
+        yield
+        return
+    with _pil_limit_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read(path: Path) -> tuple[os.stat_result, bytes] | str:
+    """Read a regular file once; return (stat, bytes) or a skip reason."""
+    try:
+        # O_NONBLOCK so that a FIFO named like an image cannot block us.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags)
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                return "not a regular file"
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return st, f.read()
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return "file not found"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or _one_line(exc)}"
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Size from the header alone with PIL's bomb check off; nothing is decoded."""
+    with _pil_limit_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(io.BytesIO(data), formats=_decode_formats()) as im:
+                return im.size
+        except Exception:
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(
+    stat_or_path: FileStat | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> LoadedImage | SkippedImage:
+    """Read, hash and decode one image; a bad file gives SkippedImage, never an exception.
+
+    The returned ``stat`` describes the bytes actually read (fstat of the open file).
+    """
+    path = stat_or_path.path if isinstance(stat_or_path, FileStat) else _resolve(stat_or_path)
+    read = _read(path)
+    if isinstance(read, str):
+        return SkippedImage(path, read)
+    st, data = read
+    if not data:
+        return SkippedImage(path, "empty file")
+    file_stat = FileStat(path=path, size=len(data), mtime_ns=st.st_mtime_ns)
+    content_hash = hashlib.sha256(data).hexdigest()
+    try:
+        with _pil_pixel_limit(max_pixels), Image.open(io.BytesIO(data), formats=_decode_formats()) as im:
+            width, height = im.size  # from the header; no pixels decoded yet
+            if width * height > max_pixels:
+                return SkippedImage(path, f"too large: {width}x{height} pixels exceeds limit {max_pixels}")
+            im.load()  # first frame only for animations; raises on truncated data
+            try:
+                oriented = ImageOps.exif_transpose(im)
+            except Exception:  # malformed EXIF must not cost us an otherwise good image
+                oriented = im.copy()
+    except UnidentifiedImageError:
+        return SkippedImage(path, "not an image (cannot identify image file)")
+    except Image.DecompressionBombError as exc:
+        # PIL's hard limit fired before our check; re-read the header for a uniform message.
+        size = _header_size(data)
+        if size is not None and size[0] * size[1] > max_pixels:
+            return SkippedImage(path, f"too large: {size[0]}x{size[1]} pixels exceeds limit {max_pixels}")
+        return SkippedImage(path, f"too large: {_one_line(exc)}")
+    except Exception as exc:  # PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
+        return SkippedImage(path, f"truncated or corrupt: {_one_line(exc)}")
+    try:
+        rgb = to_rgb(oriented)
+    except Exception as exc:
+        return SkippedImage(path, f"unsupported image mode {oriented.mode}: {_one_line(exc)}")
+    return LoadedImage(file_stat, rgb, rgb.width, rgb.height, content_hash)
+
+
+def open_query_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Like load_image, but raise InvalidImageError for anything that is not a usable image."""
+    result = load_image(path, max_pixels=max_pixels)
+    if isinstance(result, SkippedImage):
+        raise InvalidImageError(f"cannot read query image {path}: {result.reason}")
+    return result
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited over white."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit data (16-bit PNG/TIFF decode to "I;16*" or "I"): scale 0..65535 to 0..255.
+        return _gray_to_rgb(np.asarray(image, dtype=np.float64) / 257.0)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0.0 and hi <= 1.0:  # normalized float data
+            return _gray_to_rgb(values * 255.0)
+        span = hi - lo
+        return _gray_to_rgb((values - lo) * (255.0 / span) if span > 0 else np.zeros_like(values))
+    if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,237 @@
+"""The indexing pipeline: scan, diff against the store, decode, encode, write (design §1, §3).
+
+Decoding runs in worker threads (PIL releases the GIL), encoding is batched, and each batch is
+committed per condition, so an interrupted run loses at most one uncommitted batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from focalsearch.images import DEFAULT_MAX_PIXELS, FileStat, LoadedImage, SkippedImage, load_image, scan_images
+from focalsearch.models import ConditionalEncoder
+from focalsearch.store import Condition, FileRecord, Store, row_id
+
+
+@dataclass
+class IndexReport:
+    """What one indexing run did."""
+
+    encoded: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: list[SkippedImage] = field(default_factory=list)
+    conditions: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=lambda: {"scan": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0})
+    model: str = ""
+    encoder: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "encoded": self.encoded,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "conditions": self.conditions,
+            "model": self.model,
+            "encoder": self.encoder,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    stat: FileStat
+    stale: tuple[Condition, ...]
+    result: LoadedImage | SkippedImage
+    pixels: torch.Tensor | None
+    seconds: float
+
+
+def _under(path: str, roots: Sequence[Path]) -> bool:
+    return any(path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
+
+
+class _Batch:
+    """Decoded images waiting to be encoded, each with the conditions it needs."""
+
+    def __init__(self) -> None:
+        self.records: list[FileRecord] = []
+        self.pixels: list[torch.Tensor] = []
+        self.needs: list[tuple[Condition, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class Indexer:
+    """Brings the store's conditions up to date with the files under some paths."""
+
+    def __init__(
+        self,
+        store: Store,
+        encoder: ConditionalEncoder,
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        progress: bool = False,
+    ):
+        self.store = store
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.max_pixels = max_pixels
+        self.progress = progress
+
+    def run(self, paths: Sequence[str | Path], conditions: Sequence[Condition]) -> IndexReport:
+        report = IndexReport(model=self.encoder.info.model, encoder=self.encoder.info.encoder)
+        started = time.perf_counter()
+        files = scan_images(paths)
+        roots = [Path(p).expanduser().resolve() for p in paths]
+        records = {c.table: self.store.file_records(c) for c in conditions}
+        versions = {c.table: self.store.version(c) for c in conditions}
+        report.timings["scan"] = time.perf_counter() - started
+
+        report.removed = self._remove_vanished(conditions, records, {str(f.path) for f in files}, roots)
+        todo: list[tuple[FileStat, tuple[Condition, ...]]] = []
+        for stat in files:
+            stale = tuple(c for c in conditions if _is_stale(records[c.table].get(str(stat.path)), stat))
+            if stale:
+                todo.append((stat, stale))
+            else:
+                report.unchanged += 1
+
+        batch = _Batch()
+        touched: dict[str, list[FileRecord]] = {c.table: [] for c in conditions}
+        completed = False
+        try:
+            with tqdm(total=len(todo), unit="img", disable=not self.progress, desc="indexing") as bar:
+                for item in self._decode(todo):
+                    bar.update(1)
+                    report.timings["decode"] += item.seconds
+                    self._route(item, records, batch, touched, report)
+                    if len(batch) >= self.batch_size:
+                        self._flush(batch, report)
+                        batch = _Batch()
+                    self._flush_touched(conditions, touched, force=False)
+                self._flush(batch, report)
+                self._flush_touched(conditions, touched, force=True)
+            completed = True
+        finally:
+            # Record what was committed, also when interrupted; compaction can wait for a full run.
+            for condition in conditions:
+                if self.store.version(condition) != versions[condition.table]:
+                    if completed:
+                        self.store.compact(condition)
+                    self.store.mark_updated(condition)
+                report.conditions[condition.instruction] = self.store.count(condition)
+            report.seconds = time.perf_counter() - started
+        return report
+
+    # -- stages -------------------------------------------------------------------------------
+    def _remove_vanished(self, conditions, records, present: set[str], roots: Sequence[Path]) -> int:
+        removed: set[str] = set()
+        for condition in conditions:
+            gone = [r for p, r in records[condition.table].items() if p not in present and _under(p, roots)]
+            self.store.delete(condition, [r.id for r in gone])
+            removed.update(r.path for r in gone)
+        return len(removed)
+
+    def _decode_one(self, stat: FileStat, stale: tuple[Condition, ...]) -> _Decoded:
+        started = time.perf_counter()
+        result = load_image(stat, max_pixels=self.max_pixels)
+        pixels = self.encoder.preprocess([result.image])[0] if isinstance(result, LoadedImage) else None
+        return _Decoded(stat, stale, result, pixels, time.perf_counter() - started)
+
+    def _decode(self, todo: Sequence[tuple[FileStat, tuple[Condition, ...]]]) -> Iterator[_Decoded]:
+        """Decode in order with a bounded number of images in flight, so memory stays flat."""
+        in_flight = max(2 * self.batch_size, 4 * self.workers)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="focalsearch-decode")
+        pending: deque[Future[_Decoded]] = deque()
+        items = iter(todo)
+        try:
+            for stat, stale in items:
+                pending.append(pool.submit(self._decode_one, stat, stale))
+                if len(pending) >= in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _route(self, item: _Decoded, records, batch: _Batch, touched, report: IndexReport) -> None:
+        path = str(item.stat.path)
+        if isinstance(item.result, SkippedImage):
+            report.skipped.append(item.result)
+            # A file that became unreadable must not keep a vector of its old content.
+            stale_rows = [c for c in item.stale if path in records[c.table]]
+            for condition in stale_rows:
+                self.store.delete(condition, [records[condition.table][path].id])
+            report.removed += bool(stale_rows)
+            return
+        loaded = item.result
+        record = FileRecord(
+            id=row_id(path),
+            path=path,
+            size=item.stat.size,
+            mtime_ns=item.stat.mtime_ns,
+            content_hash=loaded.content_hash,
+            width=loaded.width,
+            height=loaded.height,
+        )
+        to_encode = []
+        for condition in item.stale:
+            previous = records[condition.table].get(path)
+            if previous is not None and previous.content_hash == loaded.content_hash:
+                touched[condition.table].append(record)
+            else:
+                to_encode.append(condition)
+        if to_encode:
+            batch.records.append(record)
+            batch.pixels.append(item.pixels)
+            batch.needs.append(tuple(to_encode))
+            report.encoded += 1
+        else:
+            report.unchanged += 1
+
+    def _flush(self, batch: _Batch, report: IndexReport) -> None:
+        if not len(batch):
+            return
+        pixels = torch.stack(batch.pixels)
+        conditions = {c.table: c for needs in batch.needs for c in needs}
+        for condition in conditions.values():
+            rows = [i for i, needs in enumerate(batch.needs) if condition in needs]
+            started = time.perf_counter()
+            vectors = self.encoder.encode_pixels(pixels[rows], condition.instruction)
+            report.timings["encode"] += time.perf_counter() - started
+            started = time.perf_counter()
+            self.store.upsert(condition, [batch.records[i] for i in rows], vectors)
+            report.timings["write"] += time.perf_counter() - started
+
+    def _flush_touched(self, conditions, touched, *, force: bool) -> None:
+        for condition in conditions:
+            pending = touched[condition.table]
+            if pending and (force or len(pending) >= self.batch_size):
+                self.store.refresh_records(condition, pending)
+                touched[condition.table] = []
+
+
+def _is_stale(record: FileRecord | None, stat: FileStat) -> bool:
+    return record is None or (record.size, record.mtime_ns) != (stat.size, stat.mtime_ns)

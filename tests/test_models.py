@@ -1,0 +1,123 @@
+"""The model layer: FocalLens-CLIP, the baselines, model init and loading errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPModel
+
+from conftest import draw_image
+from focalsearch.errors import ModelLoadError, UserError
+from focalsearch.models import create_encoder, normalize_instruction, resolve_model
+from focalsearch.models.focallens_clip import FocalLensCLIPModel
+from focalsearch.models.init_checkpoint import init_focallens_checkpoint
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [draw_image(i, (40 + i, 36)) for i in range(7)]
+
+
+def test_empty_instruction_is_exactly_base_clip(tiny_clip, tiny_focal, images):
+    focal = create_encoder(str(tiny_focal))
+    assert focal.info.encoder == "focallens"
+    base = CLIPModel.from_pretrained(tiny_clip).eval()
+    with torch.no_grad():
+        expected = base.get_image_features(pixel_values=focal.preprocess(images)).pooler_output
+    expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
+    assert np.array_equal(focal.encode_images(images, ""), expected)
+
+
+def test_instruction_changes_the_focallens_embedding(tiny_focal, images):
+    focal = create_encoder(str(tiny_focal))
+    plain = focal.encode_images(images, "")
+    background = focal.encode_images(images, "background")
+    quantity = focal.encode_images(images, "quantity")
+    assert not np.allclose(plain, background, atol=1e-4)
+    assert not np.allclose(background, quantity, atol=1e-4)
+
+
+def test_outputs_are_normalised_float32_and_batching_does_not_matter(tiny_focal, images):
+    whole = create_encoder(str(tiny_focal), batch_size=64).encode_images(images, "color")
+    batched = create_encoder(str(tiny_focal), batch_size=2).encode_images(images, "color")
+    assert whole.dtype == np.float32 and whole.shape == (len(images), 32)
+    np.testing.assert_allclose(np.linalg.norm(whole, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(whole, batched, atol=1e-5)
+    texts = create_encoder(str(tiny_focal)).encode_texts(["three apples", "a red circle"])
+    assert texts.dtype == np.float32 and texts.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+
+
+def test_clip_baseline_ignores_the_instruction(tiny_clip, images):
+    clip = create_encoder(str(tiny_clip), encoder="clip")
+    np.testing.assert_array_equal(clip.encode_images(images, "background"), clip.encode_images(images, ""))
+
+
+def test_clip_text_baseline_is_normalised_mean(tiny_clip, images):
+    mixed = create_encoder(str(tiny_clip))
+    assert mixed.info.encoder == "clip+text"
+    image = mixed.encode_images(images, "")
+    text = mixed.encode_texts(["background"])[0]
+    expected = image + text
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(mixed.encode_images(images, "  Background "), expected, atol=1e-5)
+
+
+def test_padded_instruction_batches_match_single_instructions(tiny_focal):
+    model = FocalLensCLIPModel.from_pretrained(tiny_focal).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[0, 5, 6, 7, 1], [0, 9, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        tokens = model.instruction_tokens(ids, mask)
+        together = model.conditional_image_features(pixels, tokens, mask)
+        first = model.conditional_image_features(pixels[:1], tokens[:1])
+        second = model.conditional_image_features(pixels[1:], tokens[1:, :3])
+    torch.testing.assert_close(together[0], first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1], second[0], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_round_trips(tiny_focal, tmp_path, images):
+    model = FocalLensCLIPModel.from_pretrained(tiny_focal)
+    model.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "model.safetensors").is_file()
+    reloaded = FocalLensCLIPModel.from_pretrained(tmp_path / "copy")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert reloaded.config.instruction_max_length == model.config.instruction_max_length
+
+
+def test_model_init_refuses_to_overwrite_and_to_reinit(tiny_clip, tiny_focal, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        init_focallens_checkpoint(str(tiny_clip), tmp_path / "taken")
+    with pytest.raises(UserError, match="already a FocalLens-CLIP"):
+        init_focallens_checkpoint(str(tiny_focal), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_focallens_encoder_needs_a_focallens_checkpoint(tiny_clip):
+    with pytest.raises(UserError, match="model init"):
+        create_encoder(str(tiny_clip), encoder="focallens")
+
+
+def test_missing_models_name_the_offline_way_out(tmp_path):
+    with pytest.raises(ModelLoadError, match="--model PATH.*Offline quick start"):
+        create_encoder(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="--model PATH"):
+        create_encoder("no-such-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_default_model_comes_from_the_environment(monkeypatch, tiny_focal):
+    monkeypatch.setenv("FOCALSEARCH_MODEL", str(tiny_focal))
+    assert resolve_model(None).model_id == str(tiny_focal)
+
+
+def test_instruction_normalisation():
+    assert normalize_instruction("  How many\tobjects?  ") == "how many objects?"
+    assert normalize_instruction(None) == ""
