@@ -15,8 +15,16 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+from focalsearch.errors import FocalSearchError
+
+try:
+    import faiss
+except ImportError as exc:  # faiss comes from an extra, since its CPU and GPU builds are exclusive
+    raise FocalSearchError(
+        "FAISS is not installed: pip install 'focalsearch[cpu]' (or 'focalsearch[gpu]' on a CUDA machine)"
+    ) from exc
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,7 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k with numpy: (scores, positions), each (m, min(k, n)), scores descending."""
     vectors = _as_matrix(vectors, "vectors")
-    queries = _as_matrix(queries.reshape(1, -1) if np.ndim(queries) == 1 else queries, "queries")
+    queries = _as_matrix(np.atleast_2d(queries), "queries")
     m, n = len(queries), len(vectors)
     k = max(0, min(k, n))
     scores = np.empty((m, k), dtype=np.float32)
@@ -191,7 +199,7 @@ def search(ann: AnnIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     A 1-D query gives m == 1. Trailing columns that faiss padded with -1 in every row are dropped; with
     several queries, a row with fewer hits than another keeps position -1 / score -inf in its tail.
     """
-    q = _as_matrix(queries.reshape(1, -1) if np.ndim(queries) == 1 else queries, "queries")
+    q = _as_matrix(np.atleast_2d(queries), "queries")
     if q.shape[1] != ann.dim:
         raise ValueError(f"query dimension {q.shape[1]} != index dimension {ann.dim}")
     k = max(0, min(k, ann.ntotal))
@@ -287,14 +295,12 @@ def _read_faiss(path: Path, kind: str, mmap: bool) -> faiss.Index:
         if kind != "ivf" and hasattr(faiss, "IO_FLAG_MMAP_IFC"):
             flags.append(faiss.IO_FLAG_MMAP_IFC)
         flags.append(faiss.IO_FLAG_MMAP)
-    flags.append(0)
-    for i, flag in enumerate(flags):
+    for flag in flags:
         try:
             return faiss.read_index(str(path), flag)
         except Exception:
-            if i == len(flags) - 1:
-                raise
-    raise AssertionError("unreachable")
+            pass  # this index type cannot be mapped that way
+    return faiss.read_index(str(path))
 
 
 _INDEX_TYPES = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}

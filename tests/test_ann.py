@@ -168,6 +168,18 @@ def test_save_load_round_trip(tmp_path, data, built, kind, mmap):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see mappings")
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_load_with_mmap_maps_the_file(tmp_path, built, kind):
+    path = tmp_path / f"{kind}-mapped.faiss"
+    ann.save_index(built[kind], path, {})
+    got, _ = ann.load_index(path, mmap=False)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    got, _ = ann.load_index(path, mmap=True)
+    assert str(path) in Path("/proc/self/maps").read_text()
+    assert got.ntotal == built[kind].ntotal
+
+
 def test_load_takes_search_parameters_from_sidecar(tmp_path, built):
     path = tmp_path / "idx.faiss"
     for kind, knob in (("hnsw", "efSearch"), ("ivf", "nprobe")):

@@ -1,0 +1,90 @@
+"""The query engine's derived FAISS indexes, and storage failures seen through the API."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from focalsearch.api import FocalSearch
+from focalsearch.errors import IndexBusyError, StorageError
+from focalsearch.search import _files, build_condition_index, load_condition_index, search_index
+from focalsearch.store import FileRecord, Store, row_id
+
+
+def _random_store(tmp_path, n: int, dim: int = 16) -> tuple[Store, object, np.ndarray]:
+    store = Store(tmp_path / "index", create=True)
+    condition = store.ensure_condition("color", "m", "focallens", dim)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, dim))
+    vectors = centres[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    records = [FileRecord(row_id(f"/img/{i}.jpg"), f"/img/{i}.jpg", 1, 1, "h", 1, 1) for i in range(n)]
+    for start in range(0, n, 2000):
+        store.upsert(condition, records[start:start + 2000], vectors[start:start + 2000])
+    return store, condition, vectors
+
+
+def test_faiss_index_is_reused_until_the_table_changes(tmp_path):
+    store, condition, vectors = _random_store(tmp_path, 50)
+    built = load_condition_index(store, condition)
+    index_file, _ = _files(store, condition)
+    stamp = index_file.stat().st_mtime_ns
+    assert load_condition_index(store, condition).table_version == built.table_version
+    assert index_file.stat().st_mtime_ns == stamp, "a fresh index must not be rebuilt"
+
+    store.delete(condition, [row_id("/img/0.jpg")])
+    rebuilt = load_condition_index(store, condition)
+    assert rebuilt.ann.ntotal == 49 and "/img/0.jpg" not in rebuilt.paths.to_pylist()
+    hits = search_index(rebuilt, vectors[0], 5)
+    assert "/img/0.jpg" not in [h.path for h in hits]
+
+
+def test_broken_faiss_files_are_rebuilt_not_trusted(tmp_path):
+    store, condition, vectors = _random_store(tmp_path, 40)
+    load_condition_index(store, condition)
+    index_file, paths_file = _files(store, condition)
+    index_file.write_bytes(index_file.read_bytes()[:50])
+    assert search_index(load_condition_index(store, condition), vectors[3], 1)[0].path == "/img/3.jpg"
+    paths_file.write_bytes(b"garbage")
+    assert search_index(load_condition_index(store, condition), vectors[7], 1)[0].path == "/img/7.jpg"
+
+
+def test_large_tables_get_an_approximate_index_with_checked_recall(tmp_path):
+    store, condition, vectors = _random_store(tmp_path, 6000)
+    index = build_condition_index(store, condition, exact_max_rows=1000)
+    assert index.ann.kind in ("hnsw", "ivf") and index.ann.recall_at_10 >= 0.95
+    exact = load_condition_index(store, condition, exact_max_rows=10**9)
+    assert exact.ann.kind != "flat"  # the persisted approximate index is fresh and reused
+    found = sum(
+        len({h.path for h in search_index(index, q, 10)} & {p for p, _ in store.exact_search(condition, q, 10)})
+        for q in vectors[:50]
+    )
+    assert found / 500 >= 0.9
+
+
+def test_full_disk_is_one_clear_storage_error(tmp_path, tiny_focal, monkeypatch):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 6)
+    engine = FocalSearch(tmp_path / "index", model=str(tiny_focal), batch_size=2)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lancedb.table.LanceTable.merge_insert", no_space)
+    with pytest.raises(StorageError, match="no space left.*committed rows are kept"):
+        engine.index([photos], ["color"])
+
+
+def test_concurrent_writers_are_refused(tmp_path, tiny_focal):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 2)
+    engine = FocalSearch(tmp_path / "index", model=str(tiny_focal))
+    engine.index([photos])
+    with open(tmp_path / "index" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(IndexBusyError):
+            FocalSearch(tmp_path / "index").index([photos])
