@@ -95,25 +95,30 @@ class FocalSearch:
         conditions = store.conditions()
         return (conditions[0].model, conditions[0].encoder) if conditions else None
 
-    def _load_encoder(self, recorded: tuple[str, str] | None):
-        """Load the encoder, checking that it matches what the index was built with."""
-        from focalsearch.models import create_encoder, resolve_model
+    def _check_recorded(self, recorded: tuple[str, str] | None) -> tuple[str | None, str]:
+        """The (model, encoder) to use: the index's own, after checking what the user asked for."""
+        from focalsearch.models import resolve_model
 
-        if recorded is not None:
-            recorded_model, recorded_encoder = recorded
-            if self.model is not None and resolve_model(self.model).model_id != recorded_model:
-                raise ModelMismatchError(
-                    f"index {self.index_dir} was built with model {recorded_model}, not "
-                    f"{resolve_model(self.model).model_id}; drop --model or use another --index"
-                )
-            if self.encoder_name not in ("auto", recorded_encoder):
-                raise ModelMismatchError(
-                    f"index {self.index_dir} was built with encoder {recorded_encoder}, not {self.encoder_name}"
-                )
-            model, encoder = recorded_model, recorded_encoder
-        else:
-            model, encoder = self.model, self.encoder_name
-        if self._encoder is None or self._encoder.info.model != resolve_model(model).model_id:
+        if recorded is None:
+            return self.model, self.encoder_name
+        recorded_model, recorded_encoder = recorded
+        if self.model is not None and resolve_model(self.model).model_id != recorded_model:
+            raise ModelMismatchError(
+                f"index {self.index_dir} was built with model {recorded_model}, not "
+                f"{resolve_model(self.model).model_id}; drop --model or use another --index"
+            )
+        if self.encoder_name not in ("auto", recorded_encoder):
+            raise ModelMismatchError(
+                f"index {self.index_dir} was built with encoder {recorded_encoder}, not {self.encoder_name}"
+            )
+        return recorded_model, recorded_encoder
+
+    def _load_encoder(self, recorded: tuple[str, str] | None):
+        """Load the encoder (once), checking that it matches what the index was built with."""
+        from focalsearch.models import create_encoder
+
+        model, encoder = self._check_recorded(recorded)
+        if self._encoder is None:
             self._encoder = create_encoder(model, encoder=encoder, device=self.device, batch_size=self.batch_size)
         return self._encoder
 
@@ -136,7 +141,7 @@ class FocalSearch:
         Unchanged files are skipped, changed files re-encoded, vanished files removed.
         """
         from focalsearch.indexer import Indexer
-        from focalsearch.models import normalize_instruction
+        from focalsearch.instructions import normalize_instruction
         from focalsearch.search import load_condition_index
 
         if not paths:
@@ -147,11 +152,15 @@ class FocalSearch:
         wanted = list(dict.fromkeys(normalize_instruction(i) for i in (instructions or [""])))
         store = self._open_store(create=True)
         with self._write_lock(store):
-            encoder = self._load_encoder(self._index_model(store))
-            info = encoder.info
-            conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
+            recorded = self._index_model(store)
+            self._check_recorded(recorded)
+            if recorded is None or any(store.find(i) is None for i in wanted):
+                info = self._load_encoder(recorded).info
+                conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
+            else:
+                conditions = [store.find(i) for i in wanted]
             indexer = Indexer(
-                store, encoder, batch_size=self.batch_size, workers=self.workers,
+                store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
                 max_pixels=self.max_pixels, progress=progress,
             )
             report = indexer.run(paths, conditions)
@@ -173,7 +182,7 @@ class FocalSearch:
 
     def condition(self, instruction: str) -> Condition:
         """The indexed condition for an instruction, or an error naming the ones there are."""
-        from focalsearch.models import normalize_instruction
+        from focalsearch.instructions import normalize_instruction
 
         store = self._open_store()
         wanted = normalize_instruction(instruction)

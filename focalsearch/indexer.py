@@ -7,19 +7,25 @@ committed per condition, so an interrupted run loses at most one uncommitted bat
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from tqdm import tqdm
 
 from focalsearch.images import DEFAULT_MAX_PIXELS, FileStat, LoadedImage, SkippedImage, load_image, scan_images
-from focalsearch.models import ConditionalEncoder
 from focalsearch.store import Condition, FileRecord, Store, row_id
+
+if TYPE_CHECKING:  # torch is imported only once something needs encoding
+    import torch
+
+    from focalsearch.models import ConditionalEncoder
 
 
 @dataclass
@@ -60,7 +66,7 @@ class _Decoded:
     stat: FileStat
     stale: tuple[Condition, ...]
     result: LoadedImage | SkippedImage
-    pixels: torch.Tensor | None
+    pixels: "torch.Tensor | None"
     seconds: float
 
 
@@ -73,7 +79,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.records: list[FileRecord] = []
-        self.pixels: list[torch.Tensor] = []
+        self.pixels: list["torch.Tensor"] = []
         self.needs: list[tuple[Condition, ...]] = []
 
     def __len__(self) -> int:
@@ -81,12 +87,16 @@ class _Batch:
 
 
 class Indexer:
-    """Brings the store's conditions up to date with the files under some paths."""
+    """Brings the store's conditions up to date with the files under some paths.
+
+    ``load_encoder`` is called only when some file needs encoding, so a rerun over an unchanged
+    collection never loads the model.
+    """
 
     def __init__(
         self,
         store: Store,
-        encoder: ConditionalEncoder,
+        load_encoder: "Callable[[], ConditionalEncoder]",
         *,
         batch_size: int = 32,
         workers: int | None = None,
@@ -94,14 +104,18 @@ class Indexer:
         progress: bool = False,
     ):
         self.store = store
-        self.encoder = encoder
+        self.load_encoder = load_encoder
+        self._encoder: "ConditionalEncoder | None" = None
+        self._encoder_lock = threading.Lock()
         self.batch_size = batch_size
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.max_pixels = max_pixels
         self.progress = progress
 
     def run(self, paths: Sequence[str | Path], conditions: Sequence[Condition]) -> IndexReport:
-        report = IndexReport(model=self.encoder.info.model, encoder=self.encoder.info.encoder)
+        if not conditions:
+            raise ValueError("no conditions to index")
+        report = IndexReport(model=conditions[0].model, encoder=conditions[0].encoder)
         started = time.perf_counter()
         files = scan_images(paths)
         roots = [Path(p).expanduser().resolve() for p in paths]
@@ -144,6 +158,14 @@ class Indexer:
                 report.conditions[condition.instruction] = self.store.count(condition)
             report.seconds = time.perf_counter() - started
         return report
+
+    @property
+    def encoder(self) -> "ConditionalEncoder":
+        """The encoder, loaded by whichever stage first needs it."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = self.load_encoder()
+            return self._encoder
 
     # -- stages -------------------------------------------------------------------------------
     def _remove_vanished(self, conditions, records, present: set[str], roots: Sequence[Path]) -> int:
@@ -214,6 +236,8 @@ class Indexer:
     def _flush(self, batch: _Batch, report: IndexReport) -> None:
         if not len(batch):
             return
+        import torch
+
         pixels = torch.stack(batch.pixels)
         conditions = {c.table: c for needs in batch.needs for c in needs}
         for condition in conditions.values():

@@ -251,3 +251,13 @@ def test_interrupted_run_resumes_with_exact_rows(tmp_path, tiny_focal, sig):
     for condition in store.conditions():
         paths = [r.path for r in store.file_records(condition).values()]
         assert len(paths) == len(set(paths)) == 150
+
+
+def test_max_pixels_skips_oversized_images(tmp_path, tiny_focal):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 3, size=(48, 40))
+    draw_image(7, (20, 20)).save(photos / "small.png")
+    report = cli_json("index", photos, "--index", tmp_path / "index", "--model", tiny_focal, "--max-pixels", "1000")
+    assert report["conditions"] == {"": 1}
+    reasons = [s["reason"] for s in report["skipped"]]
+    assert len(reasons) == 3 and all(r.startswith("too large: 48x40") for r in reasons)

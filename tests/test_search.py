@@ -88,3 +88,30 @@ def test_concurrent_writers_are_refused(tmp_path, tiny_focal):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(IndexBusyError):
             FocalSearch(tmp_path / "index").index([photos])
+
+
+def test_each_image_is_decoded_once_for_several_instructions(tmp_path, tiny_focal, monkeypatch):
+    import focalsearch.indexer as indexer
+
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 9)
+    loads = []
+    real_load = indexer.load_image
+    monkeypatch.setattr(indexer, "load_image", lambda stat, **kw: loads.append(stat.path) or real_load(stat, **kw))
+    report = FocalSearch(tmp_path / "index", model=str(tiny_focal), batch_size=4).index([photos], ["color", "shape", "quantity"])
+    assert report.conditions == {"color": 9, "shape": 9, "quantity": 9}
+    assert sorted(loads) == sorted(p.resolve() for p in photos.rglob("*.*"))
+
+
+def test_a_rerun_with_nothing_to_encode_does_not_load_the_model(tmp_path, tiny_focal, monkeypatch):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 5)
+    (photos / "broken.jpg").write_bytes(b"")
+    FocalSearch(tmp_path / "index", model=str(tiny_focal)).index([photos], ["color"])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("focalsearch.models.encoders.ConditionalEncoder.__init__", no_model)
+    report = FocalSearch(tmp_path / "index").index([photos], ["color"])
+    assert (report.encoded, report.unchanged, len(report.skipped)) == (0, 5, 1)

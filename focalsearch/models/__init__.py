@@ -1,25 +1,30 @@
-"""The model layer: the only part of FocalSearch that imports torch and transformers."""
+"""The model layer: the only part of FocalSearch that imports torch and transformers.
 
-from focalsearch.models.encoders import (
-    ENCODERS,
-    ConditionalEncoder,
-    EncoderInfo,
-    create_encoder,
-    normalize_instruction,
-    pick_device,
-)
-from focalsearch.models.loading import DEFAULT_MODEL, MODEL_ENV_VAR, ModelRef, default_model, resolve_model
+Attributes load lazily, so that resolving a model name does not import torch.
+"""
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "ENCODERS",
-    "MODEL_ENV_VAR",
-    "ConditionalEncoder",
-    "EncoderInfo",
-    "ModelRef",
-    "create_encoder",
-    "default_model",
-    "normalize_instruction",
-    "pick_device",
-    "resolve_model",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ENCODERS": "encoders",
+    "ConditionalEncoder": "encoders",
+    "EncoderInfo": "encoders",
+    "create_encoder": "encoders",
+    "pick_device": "encoders",
+    "DEFAULT_MODEL": "loading",
+    "MODEL_ENV_VAR": "loading",
+    "ModelRef": "loading",
+    "default_model": "loading",
+    "resolve_model": "loading",
+}
+__all__ = [*_EXPORTS, "normalize_instruction"]
+
+from focalsearch.instructions import normalize_instruction  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"focalsearch.models.{_EXPORTS[name]}"), name)
+    raise AttributeError(name)

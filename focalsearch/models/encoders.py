@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from focalsearch.errors import UserError
+from focalsearch.instructions import normalize_instruction
 from focalsearch.models.focallens_clip import FocalLensCLIPModel
 from focalsearch.models.loading import ModelRef, load_clip_family, resolve_model
 
@@ -24,11 +25,6 @@ class EncoderInfo:
     encoder: str
     model: str
     dim: int
-
-
-def normalize_instruction(instruction: str | None) -> str:
-    """Canonical form of an instruction: trimmed, single-spaced, lower case ('' = unconditional)."""
-    return " ".join((instruction or "").split()).lower()
 
 
 def pick_device(device: str = "auto") -> torch.device:
