@@ -29,6 +29,7 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 DEFAULT_INDEX = Path("indexes/default")
+_SKIPPED_SHOWN = 20
 
 
 def _fail(message: str, code: int) -> None:
@@ -92,8 +93,10 @@ def index(
         f"encoded:   {report.encoded}   unchanged: {report.unchanged}   removed: {report.removed}   "
         f"skipped: {len(report.skipped)}"
     )
-    for skipped in report.skipped:
+    for skipped in report.skipped[:_SKIPPED_SHOWN]:
         typer.echo(f"  skipped {skipped.path}: {skipped.reason}")
+    if len(report.skipped) > _SKIPPED_SHOWN:
+        typer.echo(f"  ... and {len(report.skipped) - _SKIPPED_SHOWN} more (--json lists them all)")
     for name, rows in report.conditions.items():
         typer.echo(f"condition {_label(name)}: {rows} rows")
     t = report.timings

@@ -212,8 +212,8 @@ class Indexer:
         record = FileRecord(
             id=row_id(path),
             path=path,
-            size=item.stat.size,
-            mtime_ns=item.stat.mtime_ns,
+            size=loaded.stat.size,  # the stat of the bytes actually read, should the file change meanwhile
+            mtime_ns=loaded.stat.mtime_ns,
             content_hash=loaded.content_hash,
             width=loaded.width,
             height=loaded.height,
