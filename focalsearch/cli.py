@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Create and inspect FocalLens-CLIP checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+synth_app = typer.Typer(help="Generate procedural image worlds.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
 
 IndexDir = Annotated[Path, typer.Option("--index", help="Index folder.")]
 ModelOpt = Annotated[
@@ -178,6 +180,67 @@ def model_init(
         "note: its instruction projection is untrained (random), so conditional embeddings are not yet "
         "meaningful; the unconditional embedding equals the base CLIP's exactly."
     )
+
+
+@app.command()
+def train(
+    base: Annotated[str, typer.Option("--base", help="Checkpoint to start from: CLIP or FocalLens-CLIP, hub id or folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained checkpoint (resumes if it holds checkpoint-last/).")],
+    data: Annotated[str, typer.Option("--data", help="LLaVA-style JSON file, or 'colorshape' for the generated world.")],
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder the JSON's image paths are relative to.")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="instruction (FocalLens) or caption (plain CLIP).")] = "instruction",
+    steps: Annotated[int, typer.Option(min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 128,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    warmup: Annotated[int, typer.Option(min=1)] = 100,
+    caption_weight: Annotated[float, typer.Option("--caption-weight", min=0.0, help="Weight of the empty-instruction caption term (ColorShape data).")] = 0.0,
+    train_text: Annotated[bool, typer.Option("--train-text", help="Also train the text tower (frozen by default).")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
+    resolution: Annotated[int, typer.Option(min=8, help="ColorShape image size.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Contrastively train a checkpoint: instruction tuning (FocalLens) or caption training (CLIP)."""
+    _quiet_libraries()
+    from focalsearch.train.data import ColorShapeSource, LlavaSource, read_llava_json
+    from focalsearch.train.loop import TrainOptions, train as run_training
+
+    def go():
+        if data == "colorshape":
+            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0)
+        else:
+            triples = read_llava_json(data)
+            if objective == "caption":  # each answer then serves as its image's caption
+                triples = [t.__class__(t.image, "", t.answer) for t in triples]
+            source = LlavaSource(triples, image_root or Path(data).parent, seed=seed)
+        options = TrainOptions(
+            objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+            caption_weight=caption_weight, train_text=train_text, seed=seed, save_every=save_every, device=device,
+        )
+        return run_training(base, out, source, options, progress=sys.stderr.isatty())
+
+    result = _run(go)
+    first, last = result.losses[0], result.losses[-1]
+    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+    typer.echo(f"trained {result.steps} steps{resumed} in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
+    typer.echo(f"wrote {result.out}")
+
+
+@synth_app.command("colorshape")
+def synth_colorshape(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/, metadata.jsonl and instructions.json to.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+    resolution: Annotated[int, typer.Option(min=8)] = 64,
+    split: Annotated[str, typer.Option(help="train or heldout compositions.")] = "train",
+) -> None:
+    """Write a ColorShape collection (deterministic for a seed)."""
+    from focalsearch.synth.export import write_colorshape
+
+    if split not in ("train", "heldout"):
+        _fail(f"unknown split {split!r}; use train or heldout", 2)
+    written = _run(lambda: write_colorshape(out, n, seed=seed, resolution=resolution, split=split))
+    typer.echo(f"wrote {n} images with metadata.jsonl and instructions.json to {written}")
 
 
 def main() -> None:

@@ -13,6 +13,9 @@ from focalsearch.errors import ModelLoadError
 # encoder; pass a FocalLens-CLIP checkpoint (`focalsearch model init`, training) for conditioning.
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 MODEL_ENV_VAR = "FOCALSEARCH_MODEL"
+# Small checkpoints shipped inside the package (scripts/build_demo_models.py rebuilds them).
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+BUNDLED_MODELS = ("demo", "demo-clip")
 
 _OFFLINE_HINT = (
     "pass --model PATH to a local checkpoint folder "
@@ -37,6 +40,11 @@ def default_model() -> str:
 def resolve_model(name_or_path: str | None) -> ModelRef:
     """Turn a hub id or a local folder into a ModelRef; local folders are recorded by absolute path."""
     name = name_or_path or default_model()
+    if name in BUNDLED_MODELS:
+        bundled = BUNDLED_DIR / name
+        if not (bundled / "config.json").is_file():
+            raise ModelLoadError(f"bundled model {name} is missing from this install; rebuild it with python scripts/build_demo_models.py")
+        return ModelRef(model_id=name, location=str(bundled), is_local=True)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -1,0 +1,242 @@
+"""ColorShape: a procedural world of coloured shapes with independent attributes (design §4).
+
+Each image is fully described by five attributes. The world yields caption data (to pretrain a
+small CLIP), instruction data (image, instruction, answer) with several phrasings per attribute, and
+the conditional retrieval benchmark: for a query and a condition, one positive shares only the
+queried attribute, while the distractors share every other attribute.
+
+Held out from training: the (color, shape) pairs in HELD_OUT_PAIRS, and the phrasings in
+HELDOUT_PHRASINGS. Every word of a held-out phrasing occurs in the captions, so the text tower knows it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import asdict, dataclass
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (215, 38, 38),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 40),
+    "purple": (135, 55, 185),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COUNTS = ("one", "two", "three", "four")
+BACKGROUNDS = {
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "gray": (125, 125, 125),
+    "beige": (225, 205, 160),
+    "teal": (30, 115, 120),
+    "pink": (245, 175, 205),
+}
+SIZES = ("small", "large")
+ATTRIBUTES = ("color", "shape", "count", "background", "size")
+VALUES: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "background": tuple(BACKGROUNDS),
+    "size": SIZES,
+}
+# Compositions never shown in training: each colour once, no shape more than twice.
+HELD_OUT_PAIRS = frozenset(
+    {("red", "star"), ("green", "circle"), ("blue", "cross"), ("yellow", "square"), ("purple", "triangle"), ("orange", "star")}
+)
+
+TRAIN_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "color": ("color", "what color is the object?", "what is the color of the shapes?", "object color", "which color are the objects?"),
+    "shape": ("shape", "what shape is the object?", "what kind of shapes are there?", "object shape", "which shape do the objects have?"),
+    "count": ("count", "how many shapes are there?", "how many objects are there?", "number of objects", "quantity"),
+    "background": ("background", "background color", "what color is the background?", "what is behind the objects?"),
+    "size": ("size", "what size are the shapes?", "how big are the objects?", "object size"),
+}
+HELDOUT_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "color": ("hue", "what hue are the shapes?"),
+    "shape": ("form", "which form do the items have?"),
+    "count": ("number of items", "how many items are shown?"),
+    "background": ("backdrop", "what is the backdrop?"),
+    "size": ("scale", "how large are the items?"),
+}
+
+_CAPTION_TEMPLATES = (
+    "{count} {size} {color} {shape}s on a {background} background",
+    "a {background} backdrop with {count} {color} {shape}s",
+    "{count} {size} {shape}s with a {color} hue on {background}",
+    "the number of {color} items is {count}",
+    "{count} items shown in {color} on a {background} backdrop",
+    "{size} {color} {shape} forms on a {background} background",
+    "{color} {shape}s of {size} scale",
+    "the items are {size} and {color}, the form is a {shape}",
+    "{count} objects, {color} color, {shape} shape, {background} backdrop",
+    "{color}",
+    "{shape}",
+    "{count}",
+    "{background} background",
+    "{size} objects",
+    "a {color} hue",
+    "the form is a {shape}",
+    "the number of objects is {count}",
+    "a {background} backdrop",
+    "items of {size} scale",
+    "how large? {size}. how many? {count}. which hue? {color}.",
+    "{count} {color} shapes that have a {shape} form",
+    "what a {size} {color} {shape}",
+    "the {shape}s do not touch on the {background} backdrop",
+)
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """One ColorShape scene."""
+
+    color: str
+    shape: str
+    count: str
+    background: str
+    size: str
+
+    def get(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+    def replace(self, **changes: str) -> Attributes:
+        return Attributes(**{**asdict(self), **changes})
+
+
+def all_attributes() -> list[Attributes]:
+    """Every combination of attribute values (1,440 scenes)."""
+    return [Attributes(*values) for values in itertools.product(*(VALUES[a] for a in ATTRIBUTES))]
+
+
+def is_held_out(attrs: Attributes) -> bool:
+    """Whether a scene's composition is kept out of training."""
+    return (attrs.color, attrs.shape) in HELD_OUT_PAIRS
+
+
+def split_attributes(split: str) -> list[Attributes]:
+    """Scenes of the 'train' or 'heldout' split."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}")
+    return [a for a in all_attributes() if is_held_out(a) == (split == "heldout")]
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        return [
+            (cx + (r if i % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
+             cy + (r if i % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            for i in range(10)
+        ]
+    if shape == "cross":
+        a, b = r, r * 0.35
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
+                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+    return None  # circle
+
+
+def render(attrs: Attributes, seed: int, resolution: int = 64, supersample: int = 4) -> Image.Image:
+    """Draw a scene; the seed places the objects, so one scene has many distinct images."""
+    rng = random.Random(seed)
+    side = resolution * supersample
+    image = Image.new("RGB", (side, side), BACKGROUNDS[attrs.background])
+    draw = ImageDraw.Draw(image)
+    cell = side / 3
+    radius = cell * (0.22 if attrs.size == "small" else 0.42)
+    cells = rng.sample(range(9), COUNTS.index(attrs.count) + 1)
+    for index in cells:
+        slack = cell / 2 - radius
+        cx = (index % 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
+        cy = (index // 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
+        points = _shape_points(attrs.shape, cx, cy, radius)
+        if points is None:
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=COLORS[attrs.color])
+        else:
+            draw.polygon(points, fill=COLORS[attrs.color])
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS) if supersample > 1 else image
+
+
+def caption(attrs: Attributes, rng: random.Random) -> str:
+    """A caption of the scene in one of several templates and synonyms."""
+    return rng.choice(_CAPTION_TEMPLATES).format(**asdict(attrs))
+
+
+def caption_vocabulary() -> set[str]:
+    """Every word the captions can use."""
+    words = set()
+    for template in _CAPTION_TEMPLATES:
+        for attrs in (Attributes(c, s, n, b, z) for c, s, n, b, z in zip(*(VALUES[a] * 3 for a in ATTRIBUTES))):
+            words.update(_words(template.format(**asdict(attrs))))
+    for values in VALUES.values():
+        for value in values:
+            words.update(_words(value))
+            words.update(_words(value + "s"))
+    return words
+
+
+def _words(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+def instruction(attribute: str, rng: random.Random, phrasing: str = "train") -> str:
+    """A phrasing of the question about ``attribute`` from the 'train' or 'heldout' set."""
+    return rng.choice((TRAIN_PHRASINGS if phrasing == "train" else HELDOUT_PHRASINGS)[attribute])
+
+
+@dataclass(frozen=True)
+class BenchmarkItem:
+    """One retrieval problem: under ``condition``, the positive must outrank every distractor."""
+
+    condition: str
+    query: Attributes
+    query_seed: int
+    positive: Attributes
+    positive_seed: int
+    distractors: tuple[tuple[Attributes, int], ...]
+
+
+def benchmark_items(per_condition: int = 100, distractors: int = 4, seed: int = 0) -> list[BenchmarkItem]:
+    """The ColorShape retrieval benchmark on the held-out split.
+
+    Queries are held-out compositions; a positive (which must differ from the query in colour and
+    shape for most conditions) may be any scene. Every image is a fresh render, never a training one.
+    """
+    rng = random.Random(seed)
+    heldout = split_attributes("heldout")
+    scenes = all_attributes()
+    items = []
+    for condition in ATTRIBUTES:
+        for _ in range(per_condition):
+            query = rng.choice(heldout)
+            # The positive differs from the query in every attribute but the condition.
+            candidates = [
+                a for a in scenes
+                if a.get(condition) == query.get(condition)
+                and all(a.get(o) != query.get(o) for o in ATTRIBUTES if o != condition)
+            ]
+            positive = rng.choice(candidates)
+            others = [v for v in VALUES[condition] if v != query.get(condition)]
+            chosen = [rng.choice(others) for _ in range(distractors)]
+            if distractors <= len(others):
+                chosen = rng.sample(others, distractors)
+            items.append(
+                BenchmarkItem(
+                    condition=condition,
+                    query=query,
+                    query_seed=rng.getrandbits(31),
+                    positive=positive,
+                    positive_seed=rng.getrandbits(31),
+                    distractors=tuple((query.replace(**{condition: value}), rng.getrandbits(31)) for value in chosen),
+                )
+            )
+    return items

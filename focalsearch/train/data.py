@@ -1,0 +1,152 @@
+"""Training data: (image, instruction, answer) triples from LLaVA-style JSON or the ColorShape world.
+
+A source hands out batches by step number, deterministically for its seed, so a resumed run sees
+exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from focalsearch.errors import UserError
+from focalsearch.images import LoadedImage, load_image
+from focalsearch.synth import colorshape as cs
+
+_IMAGE_TOKEN = re.compile(r"\s*<image>\s*")
+
+
+@dataclass(frozen=True)
+class Triple:
+    """One training example: an image file, an instruction about it, and the answer."""
+
+    image: str
+    instruction: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """Images with, for each, the instruction ('' for captions) and the target text."""
+
+    images: list[Image.Image]
+    instructions: list[str]
+    targets: list[str]
+    captions: list[str] | None = None
+
+
+class TrainingSource(Protocol):
+    def batch(self, step: int, size: int) -> TrainingBatch: ...
+
+    def texts(self) -> list[str]:
+        """Text the source can produce (for building a tokenizer)."""
+        ...
+
+
+def read_llava_json(path: str | Path) -> list[Triple]:
+    """Read LLaVA-style conversations: each human turn and the gpt turn after it become one triple.
+
+    ``<image>`` tokens are stripped; turns that are empty after stripping are dropped.
+    """
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read training data {path}: {' '.join(str(exc).split())[:200]}") from exc
+    if not isinstance(records, list):
+        raise UserError(f"{path} must hold a JSON list of conversations")
+    triples = []
+    for number, record in enumerate(records):
+        if not isinstance(record, dict) or "image" not in record or not isinstance(record.get("conversations"), list):
+            raise UserError(f"{path}: record {number} lacks 'image' or a 'conversations' list")
+        turns = record["conversations"]
+        for human, gpt in zip(turns, turns[1:]):
+            if not (isinstance(human, dict) and isinstance(gpt, dict)):
+                raise UserError(f"{path}: record {number} has a turn that is not an object")
+            if human.get("from") != "human" or gpt.get("from") != "gpt":
+                continue
+            question = _IMAGE_TOKEN.sub(" ", str(human.get("value", ""))).strip()
+            answer = _IMAGE_TOKEN.sub(" ", str(gpt.get("value", ""))).strip()
+            if question and answer:
+                triples.append(Triple(str(record["image"]), " ".join(question.split()), " ".join(answer.split())))
+    return triples
+
+
+class LlavaSource:
+    """Batches of triples read from LLaVA JSON, shuffled per epoch; unreadable images are skipped."""
+
+    def __init__(self, triples: Sequence[Triple], image_root: str | Path, seed: int = 0):
+        if not triples:
+            raise UserError("the training data holds no (instruction, answer) turns")
+        self.triples = list(triples)
+        self.image_root = Path(image_root)
+        self.seed = seed
+        self._order: dict[int, list[int]] = {}
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            order = list(range(len(self.triples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = {epoch: order}
+        return self._order[epoch]
+
+    def batch(self, step: int, size: int) -> TrainingBatch:
+        images, instructions, targets = [], [], []
+        position = step * size
+        while len(images) < size:
+            epoch, offset = divmod(position, len(self.triples))
+            triple = self.triples[self._epoch_order(epoch)[offset]]
+            position += 1
+            loaded = load_image(self.image_root / triple.image)
+            if isinstance(loaded, LoadedImage):
+                images.append(loaded.image)
+                instructions.append(triple.instruction)
+                targets.append(triple.answer)
+            elif position - step * size > 10 * size:
+                raise UserError(f"too many unreadable training images under {self.image_root} (last: {loaded.path}: {loaded.reason})")
+        return TrainingBatch(images, instructions, targets)
+
+    def texts(self) -> list[str]:
+        return [t.instruction for t in self.triples] + [t.answer for t in self.triples]
+
+
+class ColorShapeSource:
+    """Generated ColorShape data from the training split: captions, or instruction triples."""
+
+    def __init__(self, objective: str = "instruction", resolution: int = 64, seed: int = 0, with_captions: bool = False):
+        if objective not in ("instruction", "caption"):
+            raise ValueError(objective)
+        self.objective = objective
+        self.resolution = resolution
+        self.seed = seed
+        self.with_captions = with_captions
+        self.scenes = cs.split_attributes("train")
+
+    def batch(self, step: int, size: int) -> TrainingBatch:
+        rng = random.Random(self.seed * 1_000_003 + step)
+        images, instructions, targets, captions = [], [], [], []
+        for _ in range(size):
+            scene = rng.choice(self.scenes)
+            images.append(cs.render(scene, rng.getrandbits(31), self.resolution))
+            captions.append(cs.caption(scene, rng))
+            if self.objective == "caption":
+                instructions.append("")
+                targets.append(captions[-1])
+            else:
+                attribute = rng.choice(cs.ATTRIBUTES)
+                instructions.append(cs.instruction(attribute, rng, "train"))
+                targets.append(scene.get(attribute))
+        return TrainingBatch(images, instructions, targets, captions if self.with_captions else None)
+
+    def texts(self) -> list[str]:
+        rng = random.Random(self.seed)
+        captions = [cs.caption(rng.choice(self.scenes), rng) for _ in range(5000)]
+        phrasings = [p for group in cs.TRAIN_PHRASINGS.values() for p in group]
+        return captions + phrasings * 20 + [v for values in cs.VALUES.values() for v in values] * 20

@@ -1,0 +1,294 @@
+"""Contrastive training (design §2, item 5).
+
+- ``instruction``: InfoNCE between conditional image embeddings and the text embeddings of the
+  answers; identical answers in a batch are one class; learnable temperature (CLIP's logit scale);
+  an optional caption term (empty instruction ↔ caption); text tower frozen unless asked.
+- ``caption``: plain CLIP training on (image, caption), both towers trained.
+
+Progress is saved every ``save_every`` steps into ``OUT/checkpoint-last`` (safetensors for weights
+and optimizer state, JSON for the rest); a rerun with the same OUT resumes from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from focalsearch.errors import UserError
+from focalsearch.models.encoders import _dtype_for, pick_device
+from focalsearch.models.focallens_clip import FocalLensCLIPModel
+from focalsearch.models.init_checkpoint import focallens_from_clip
+from focalsearch.models.loading import load_clip_family, resolve_model
+from focalsearch.models.saving import write_checkpoint
+from focalsearch.train.data import TrainingBatch, TrainingSource
+
+RESUME_DIR = "checkpoint-last"
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LOG_FILE = "training_log.json"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train; saved with the checkpoint so a resumed run goes on the same way."""
+
+    objective: str = "instruction"
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: int = 100
+    caption_weight: float = 0.0
+    train_text: bool = False
+    seed: int = 0
+    save_every: int = 200
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    """Where the model went and how the loss moved."""
+
+    out: Path
+    steps: int
+    resumed_from: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def multi_positive_clip_loss(image: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where ``labels[i]`` indexes the (deduplicated) text of image i.
+
+    Images sharing a text are all positives for it: the text→image side maximises the summed
+    probability of its positives instead of treating them as negatives of each other.
+    """
+    logits = scale * image @ texts.T  # (images, unique texts)
+    image_to_text = F.cross_entropy(logits, labels)
+    log_probs = logits.T.log_softmax(dim=1)  # over images, per text
+    positives = labels[None, :] == torch.arange(texts.shape[0], device=labels.device)[:, None]
+    text_to_image = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def _dedupe(texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    unique = list(dict.fromkeys(texts))
+    index = {t: i for i, t in enumerate(unique)}
+    return unique, torch.tensor([index[t] for t in texts])
+
+
+def _lr_factor(step: int, options: TrainOptions) -> float:
+    if step < options.warmup:
+        return (step + 1) / options.warmup
+    progress = (step - options.warmup) / max(1, options.steps - options.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Trainer:
+    def __init__(self, model, tokenizer, processor, options: TrainOptions):
+        self.model, self.tokenizer, self.processor, self.options = model, tokenizer, processor, options
+        self.device = pick_device(options.device)
+        self.autocast_dtype = _dtype_for(self.device)
+        self.model.to(self.device).train()
+        self.freeze_text = options.objective == "instruction" and not options.train_text
+        text_parts = [self.model.text_model, self.model.text_projection]
+        for part in text_parts:
+            part.requires_grad_(not self.freeze_text)
+        if self.freeze_text:
+            for part in text_parts:
+                part.eval()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=options.lr, weight_decay=options.weight_decay)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._instruction_cache: dict[str, torch.Tensor] = {}
+
+    # -- text side ---------------------------------------------------------------------------
+    def _tokens(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        limit = self.model.config.text_config.max_position_embeddings
+        out = self.tokenizer(texts, padding=True, truncation=True, max_length=min(max_length or limit, limit), return_tensors="pt")
+        return {k: out[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        if not self.freeze_text:
+            return F.normalize(self.model.get_text_features(**self._tokens(texts)).pooler_output.float(), dim=-1)
+        missing = [t for t in texts if t not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                features = self.model.get_text_features(**self._tokens(missing)).pooler_output.float()
+            self._text_cache.update(zip(missing, F.normalize(features, dim=-1)))
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def _instruction_tokens(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected instruction tokens, padded, with their mask."""
+        max_length = self.model.config.instruction_max_length
+        if self.freeze_text:
+            missing = [i for i in dict.fromkeys(instructions) if i not in self._instruction_cache]
+            for text in missing:
+                tokens = self._tokens([text], max_length)
+                with torch.no_grad():
+                    hidden = self.model.text_model(**tokens).last_hidden_state[0]
+                self._instruction_cache[text] = hidden[tokens["attention_mask"][0].bool()]
+            states = [self._instruction_cache[i] for i in instructions]
+            length = max(s.shape[0] for s in states)
+            hidden = torch.zeros(len(states), length, states[0].shape[-1], device=self.device)
+            mask = torch.zeros(len(states), length, dtype=torch.long, device=self.device)
+            for row, s in enumerate(states):
+                hidden[row, : s.shape[0]] = s
+                mask[row, : s.shape[0]] = 1
+            return self.model.instruction_projection(hidden), mask
+        tokens = self._tokens(instructions, max_length)
+        return self.model.instruction_tokens(**tokens), tokens["attention_mask"]
+
+    # -- one step ------------------------------------------------------------------------------
+    def loss(self, batch: TrainingBatch, pixels: torch.Tensor) -> torch.Tensor:
+        model, scale = self.model, self.model.logit_scale.exp().clamp(max=100)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.device.type == "cuda"):
+            if self.options.objective == "caption":
+                image = model.get_image_features(pixel_values=pixels).pooler_output
+            else:
+                tokens, mask = self._instruction_tokens(batch.instructions)
+                image = model.conditional_image_features(pixels, tokens, mask)
+            image = F.normalize(image.float(), dim=-1)
+            unique, labels = _dedupe(batch.targets)
+            loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels.to(self.device), scale)
+            if self.options.objective == "instruction" and self.options.caption_weight > 0 and batch.captions:
+                plain = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+                unique, labels = _dedupe(batch.captions)
+                caption_loss = multi_positive_clip_loss(plain, self._embed_texts(unique), labels.to(self.device), scale)
+                loss = loss + self.options.caption_weight * caption_loss
+        return loss
+
+    def step(self, step: int, batch: TrainingBatch, pixels: torch.Tensor) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.options.lr * _lr_factor(step, self.options)
+        loss = self.loss(batch, pixels.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    # -- optimizer state as safetensors (never pickle) -------------------------------------------
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.optimizer.state_dict()["state"]
+        return {f"{index}.{key}": value.detach().cpu().contiguous().reshape(value.shape) if torch.is_tensor(value) else torch.tensor(value)
+                for index, entries in state.items() for key, value in entries.items()}
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+        saved = self.optimizer.state_dict()
+        saved["state"] = state
+        self.optimizer.load_state_dict(saved)
+
+
+def _load_start(base: str, out: Path, options: TrainOptions):
+    """The model to start from and the step to resume at."""
+    resume = out / RESUME_DIR
+    if (resume / STATE_FILE).is_file():
+        state = json.loads((resume / STATE_FILE).read_text())
+        if state["options"] != asdict(options):
+            raise UserError(f"{resume} was saved with other training options; use the same options to resume, or another --out")
+        model, tokenizer, processor = load_clip_family(resolve_model(str(resume)))
+        return model, tokenizer, processor, state
+    if (out / "config.json").is_file():
+        raise UserError(f"{out} already holds a trained model; pick another --out")
+    model, tokenizer, processor = load_clip_family(resolve_model(base))
+    if options.objective == "instruction" and not isinstance(model, FocalLensCLIPModel):
+        model = focallens_from_clip(model, seed=options.seed)
+    return model, tokenizer, processor, None
+
+
+def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int):
+    """Build (batch, pixels) for the coming steps in a thread while the current step trains."""
+    results: dict[int, tuple[TrainingBatch, torch.Tensor]] = {}
+    ready = threading.Condition()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for step in steps:
+                batch = source.batch(step, batch_size)
+                pixels = processor(images=batch.images, return_tensors="pt")["pixel_values"]
+                with ready:
+                    while len(results) >= 2 and not stop.is_set():
+                        ready.wait()
+                    if stop.is_set():
+                        return
+                    results[step] = (batch, pixels)
+                    ready.notify_all()
+        except BaseException as exc:  # surfaced in the training thread
+            with ready:
+                errors.append(exc)
+                ready.notify_all()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        for step in steps:
+            with ready:
+                while step not in results and not errors:
+                    ready.wait()
+                if step not in results:  # the batch for this step failed to build
+                    raise errors[0]
+                item = results.pop(step)
+                ready.notify_all()
+            yield step, item
+    finally:
+        stop.set()
+        with ready:
+            ready.notify_all()
+
+
+def train(base: str, out: str | Path, source: TrainingSource, options: TrainOptions, *, progress: bool = True) -> TrainResult:
+    """Train from ``base`` (or resume OUT/checkpoint-last) and save a from_pretrained-loadable model to ``out``."""
+    if options.objective not in ("instruction", "caption"):
+        raise UserError(f"unknown objective {options.objective!r}; use instruction or caption")
+    out = Path(out).expanduser().resolve()
+    torch.manual_seed(options.seed)
+    model, tokenizer, processor, state = _load_start(base, out, options)
+    trainer = _Trainer(model, tokenizer, processor, options)
+    start = 0
+    losses: list[float] = []
+    if state is not None:
+        start, losses = state["step"], state["losses"]
+        trainer.load_optimizer_tensors(load_file(str(out / RESUME_DIR / OPTIMIZER_FILE)))
+    result = TrainResult(out=out, steps=options.steps, resumed_from=start, losses=losses)
+    started = time.perf_counter()
+
+    def save_progress(step: int) -> None:
+        def extra(folder: Path) -> None:
+            save_file(trainer.optimizer_tensors(), str(folder / OPTIMIZER_FILE))
+            (folder / STATE_FILE).write_text(json.dumps({"step": step, "losses": losses, "options": asdict(options)}))
+
+        write_checkpoint(out / RESUME_DIR, trainer.model, tokenizer, processor, extra)
+
+    with tqdm(total=options.steps, initial=start, disable=not progress, desc=f"training ({options.objective})", unit="step") as bar:
+        for step, (batch, pixels) in _prefetch(source, processor, range(start, options.steps), options.batch_size):
+            losses.append(round(trainer.step(step, batch, pixels), 5))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", scale=f"{trainer.model.logit_scale.detach().exp().item():.1f}")
+            if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
+                save_progress(step + 1)
+    trainer.model.eval()
+
+    def write_log(folder: Path) -> None:
+        (folder / LOG_FILE).write_text(json.dumps({"options": asdict(options), "losses": losses}))
+
+    # The finished model replaces the whole OUT folder, resume state included.
+    write_checkpoint(out, trainer.model, tokenizer, processor, write_log)
+    shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
+    result.seconds = time.perf_counter() - started
+    return result

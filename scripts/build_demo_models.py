@@ -1,0 +1,54 @@
+"""Rebuild the bundled demo checkpoints from nothing, deterministically for a seed.
+
+    python scripts/build_demo_models.py            # writes focalsearch/checkpoints/{demo-clip,demo}
+
+1. a byte-level BPE tokenizer trained on ColorShape captions and training phrasings, and a random small CLIP;
+2. `demo-clip`: that CLIP trained on (image, caption) pairs of the ColorShape training split;
+3. `demo`: demo-clip turned into FocalLens-CLIP and instruction-tuned on (image, instruction, answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from focalsearch.models.tiny import save_tiny_clip
+from focalsearch.train.data import ColorShapeSource
+from focalsearch.train.loop import TrainOptions, train
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "focalsearch" / "checkpoints"
+ARCHITECTURE = dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, projection_dim=128, context_length=32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--caption-steps", type=int, default=800)
+    parser.add_argument("--instruction-steps", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
+    started = time.perf_counter()
+    captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1)
+    instructions = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 2)
+    with tempfile.TemporaryDirectory() as scratch:
+        init = save_tiny_clip(Path(scratch) / "init", captions.texts(), seed=args.seed, vocab_size=600, **ARCHITECTURE)
+        for name in ("demo-clip", "demo"):
+            shutil.rmtree(args.out / name, ignore_errors=True)
+        train(str(init), args.out / "demo-clip", captions,
+              TrainOptions(objective="caption", steps=args.caption_steps, batch_size=args.batch_size, lr=1e-3,
+                           warmup=50, seed=args.seed, device="cpu"))
+        train(str(args.out / "demo-clip"), args.out / "demo", instructions,
+              TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=1e-3,
+                           warmup=50, seed=args.seed, device="cpu"))
+    print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

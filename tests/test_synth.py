@@ -1,0 +1,65 @@
+"""The ColorShape world: determinism, splits, phrasings and the benchmark protocol."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from focalsearch.synth import colorshape as cs
+from focalsearch.synth.export import write_colorshape
+
+
+def test_rendering_is_deterministic_for_a_seed_and_any_resolution():
+    scene = cs.Attributes("red", "star", "three", "white", "large")
+    for resolution in (32, 64, 97):
+        a, b = cs.render(scene, 5, resolution), cs.render(scene, 5, resolution)
+        assert a.size == (resolution, resolution)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(cs.render(scene, 5)), np.asarray(cs.render(scene, 6)))
+
+
+def test_rendered_attributes_show_in_the_pixels():
+    image = np.asarray(cs.render(cs.Attributes("blue", "square", "one", "white", "small"), 0, 64)).reshape(-1, 3)
+    assert (np.abs(image - cs.BACKGROUNDS["white"]).sum(1) < 10).mean() > 0.8
+    assert (np.abs(image - cs.COLORS["blue"]).sum(1) < 10).sum() > 10
+
+
+def test_writer_is_deterministic(tmp_path):
+    write_colorshape(tmp_path / "a", 6, seed=3)
+    write_colorshape(tmp_path / "b", 6, seed=3)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 8
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    conversations = json.loads((tmp_path / "a" / "instructions.json").read_text())
+    assert len(conversations) == 6 and len(conversations[0]["conversations"]) == 2 * len(cs.ATTRIBUTES)
+
+
+def test_held_out_split_and_phrasings_are_kept_out_of_training():
+    train = cs.split_attributes("train")
+    heldout = cs.split_attributes("heldout")
+    assert len(train) + len(heldout) == len(cs.all_attributes())
+    assert all((a.color, a.shape) not in cs.HELD_OUT_PAIRS for a in train)
+    assert all((a.color, a.shape) in cs.HELD_OUT_PAIRS for a in heldout)
+    for attribute in cs.ATTRIBUTES:
+        assert not set(cs.HELDOUT_PHRASINGS[attribute]) & set(cs.TRAIN_PHRASINGS[attribute])
+    vocabulary = cs.caption_vocabulary()
+    for phrasings in cs.HELDOUT_PHRASINGS.values():
+        for phrase in phrasings:
+            assert set(cs._words(phrase)) <= vocabulary, phrase
+
+
+def test_benchmark_items_obey_the_protocol():
+    items = cs.benchmark_items(per_condition=40, distractors=4, seed=1)
+    assert len(items) == 40 * len(cs.ATTRIBUTES)
+    for item in items:
+        assert cs.is_held_out(item.query)
+        others = [a for a in cs.ATTRIBUTES if a != item.condition]
+        assert item.positive.get(item.condition) == item.query.get(item.condition)
+        assert all(item.positive.get(a) != item.query.get(a) for a in others)
+        assert len(item.distractors) == 4
+        for distractor, _ in item.distractors:
+            assert distractor.get(item.condition) != item.query.get(item.condition)
+            assert all(distractor.get(a) == item.query.get(a) for a in others)
+    assert cs.benchmark_items(per_condition=40, distractors=4, seed=1) == items

@@ -1,0 +1,155 @@
+"""Training: the LLaVA reader, the contrastive loss, a short run, resuming, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import draw_image
+from focalsearch.cli import app
+from focalsearch.errors import UserError
+from focalsearch.models import create_encoder
+from focalsearch.models.focallens_clip import FocalLensCLIPModel
+from focalsearch.train.data import ColorShapeSource, LlavaSource, read_llava_json
+from focalsearch.train.loop import TrainOptions, multi_positive_clip_loss, train
+
+LONG_ANSWER = " ".join(["the picture shows a very detailed scene"] * 30)
+
+
+@pytest.fixture()
+def llava(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        draw_image(i, (40, 40)).save(tmp_path / "img" / f"{i}.jpg")
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"")
+    records = [
+        {"id": "a", "image": "0.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the   background?"}, {"from": "gpt", "value": "Blue."},
+            {"from": "human", "value": "How many shapes?"}, {"from": "gpt", "value": "Two"},
+        ]},
+        {"id": "b", "image": "1.jpg", "conversations": [
+            {"from": "human", "value": "Describe it.\n<image>"}, {"from": "gpt", "value": LONG_ANSWER},
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "dropped: the question is empty"},
+        ]},
+        {"id": "c", "image": "broken.jpg", "conversations": [
+            {"from": "human", "value": "<image> shape?"}, {"from": "gpt", "value": "circle"}]},
+        {"id": "d", "image": "2.jpg", "conversations": [
+            {"from": "human", "value": "<image> size?"}, {"from": "gpt", "value": "small"}]},
+        {"id": "e", "image": "3.jpg", "conversations": [
+            {"from": "human", "value": "<image> shape?"}, {"from": "gpt", "value": "square"}]},
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_llava_reader_pairs_turns_and_strips_image_tokens(llava):
+    triples = read_llava_json(llava)
+    assert [(t.image, t.instruction, t.answer) for t in triples[:3]] == [
+        ("0.jpg", "What color is the background?", "Blue."),
+        ("0.jpg", "How many shapes?", "Two"),
+        ("1.jpg", "Describe it.", LONG_ANSWER),
+    ]
+    assert len(triples) == 6
+
+
+def test_llava_reader_rejects_malformed_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read training data"):
+        read_llava_json(bad)
+    bad.write_text(json.dumps([{"id": 1, "conversations": []}]))
+    with pytest.raises(UserError, match="record 0 lacks 'image'"):
+        read_llava_json(bad)
+
+
+def test_llava_source_skips_unreadable_images_and_is_deterministic(llava):
+    source = LlavaSource(read_llava_json(llava), llava.parent / "img", seed=1)
+    first = source.batch(0, 4)
+    assert len(first.images) == 4 and "circle" not in first.targets
+    assert source.batch(0, 4).targets == first.targets
+
+
+def test_identical_answers_are_one_class():
+    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    texts = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    right = multi_positive_clip_loss(image, texts, torch.tensor([0, 0, 1]), torch.tensor(50.0))
+    wrong = multi_positive_clip_loss(image, texts, torch.tensor([1, 1, 0]), torch.tensor(50.0))
+    assert right < 1e-3 < wrong
+
+
+def test_a_short_instruction_run_lowers_the_loss_and_round_trips(tiny_clip, tmp_path):
+    source = ColorShapeSource("instruction", resolution=32, seed=0)
+    options = TrainOptions(steps=40, batch_size=32, lr=2e-3, warmup=5, save_every=1000, device="cpu")
+    result = train(str(tiny_clip), tmp_path / "out", source, options, progress=False)
+    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert last < first - 0.1, (first, last)
+    model = FocalLensCLIPModel.from_pretrained(tmp_path / "out")
+    assert model.instruction_projection.weight.abs().sum() > 0
+    vectors = create_encoder(str(tmp_path / "out")).encode_images([draw_image(1)], "what color is the object?")
+    assert vectors.shape == (1, 32)
+    assert not (tmp_path / "out" / "checkpoint-last").exists()
+
+
+class _Interrupting:
+    """A data source that stops the run at a given step, as Ctrl-C would."""
+
+    def __init__(self, source, stop_at: int):
+        self.source, self.stop_at = source, stop_at
+
+    def batch(self, step, size):
+        if step == self.stop_at:
+            raise KeyboardInterrupt
+        return self.source.batch(step, size)
+
+    def texts(self):
+        return self.source.texts()
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # identical arithmetic in both runs
+    yield
+    torch.set_num_threads(before)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_clip, tmp_path, one_thread):
+    options = TrainOptions(steps=8, batch_size=8, lr=1e-3, warmup=2, save_every=3, device="cpu", caption_weight=0.5)
+    source = ColorShapeSource("instruction", resolution=32, seed=0, with_captions=True)
+    whole_run = train(str(tiny_clip), tmp_path / "whole", source, options, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tiny_clip), tmp_path / "split", _Interrupting(source, 7), options, progress=False)
+    assert (tmp_path / "split" / "checkpoint-last" / "training_state.json").is_file()
+    resumed = train(str(tiny_clip), tmp_path / "split", source, options, progress=False)
+    assert resumed.resumed_from == 6
+    assert resumed.losses == whole_run.losses
+    whole = FocalLensCLIPModel.from_pretrained(tmp_path / "whole").state_dict()
+    split = FocalLensCLIPModel.from_pretrained(tmp_path / "split").state_dict()
+    for name, tensor in whole.items():
+        # Key biases get (mathematically) zero gradients that Adam scales up from round-off.
+        torch.testing.assert_close(split[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(UserError, match="already holds a trained model"):
+        train(str(tiny_clip), tmp_path / "split", source, options, progress=False)
+
+
+def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
+    runner = CliRunner()
+    synth = runner.invoke(app, ["synth", "colorshape", str(tmp_path / "world"), "--n", "12", "--resolution", "32"])
+    assert synth.exit_code == 0, synth.output
+    result = runner.invoke(app, [
+        "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model"), "--data", str(tmp_path / "world" / "instructions.json"),
+        "--steps", "3", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.stdout and (tmp_path / "model" / "model.safetensors").is_file()
+    long_answers = runner.invoke(app, [
+        "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model2"), "--data", str(llava),
+        "--image-root", str(llava.parent / "img"), "--steps", "2", "--batch-size", "4", "--warmup", "1", "--device", "cpu",
+    ])
+    assert long_answers.exit_code == 0, long_answers.output
+    missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot read training data")
