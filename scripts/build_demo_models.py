@@ -4,7 +4,8 @@
 
 1. a byte-level BPE tokenizer trained on ColorShape captions and training phrasings, and a random small CLIP;
 2. `demo-clip`: that CLIP trained on (image, caption) pairs of the ColorShape training split;
-3. `demo`: demo-clip turned into FocalLens-CLIP and instruction-tuned on (image, instruction, answer).
+3. `demo`: demo-clip turned into FocalLens-CLIP and instruction-tuned on (image, instruction, answer),
+   text tower included: the small caption-trained text tower does not tell shape and count words apart.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--caption-steps", type=int, default=800)
+    parser.add_argument("--caption-steps", type=int, default=1000)
     parser.add_argument("--instruction-steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
                            warmup=50, seed=args.seed, device="cpu"))
         train(str(args.out / "demo-clip"), args.out / "demo", instructions,
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=1e-3,
-                           warmup=50, seed=args.seed, device="cpu"))
+                           warmup=50, seed=args.seed, device="cpu", train_text=True))
     print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
 
 

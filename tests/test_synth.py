@@ -42,12 +42,17 @@ def test_held_out_split_and_phrasings_are_kept_out_of_training():
     assert len(train) + len(heldout) == len(cs.all_attributes())
     assert all((a.color, a.shape) not in cs.HELD_OUT_PAIRS for a in train)
     assert all((a.color, a.shape) in cs.HELD_OUT_PAIRS for a in heldout)
-    for attribute in cs.ATTRIBUTES:
-        assert not set(cs.HELDOUT_PHRASINGS[attribute]) & set(cs.TRAIN_PHRASINGS[attribute])
+    trained = {p for group in cs.TRAIN_PHRASINGS.values() for p in group}
     vocabulary = cs.caption_vocabulary()
-    for phrasings in cs.HELDOUT_PHRASINGS.values():
-        for phrase in phrasings:
-            assert set(cs._words(phrase)) <= vocabulary, phrase
+    for held_out in (cs.HELDOUT_PHRASINGS, cs.HELDOUT_SYNONYMS):
+        assert set(held_out) == set(cs.ATTRIBUTES)
+        for phrasings in held_out.values():
+            for phrase in phrasings:
+                assert phrase not in trained
+                assert set(cs._words(phrase)) <= vocabulary, phrase
+    for attribute, synonyms in cs.HELDOUT_SYNONYMS.items():
+        own_words = {w for p in cs.TRAIN_PHRASINGS[attribute] for w in cs._words(p)}
+        assert cs._words(synonyms[0])[-1] not in own_words  # hue, form, items, backdrop, scale
 
 
 def test_benchmark_items_obey_the_protocol():

@@ -15,7 +15,8 @@ import numpy as np
 
 from focalsearch.synth import colorshape as cs
 
-SETUPS = ("clip", "clip+text", "focallens", "focallens_heldout_phrasing")
+SETUPS = ("clip", "clip+text", "focallens", "focallens_heldout_phrasing", "focallens_heldout_synonyms")
+_PHRASING_OF_SETUP = {"focallens_heldout_phrasing": "heldout", "focallens_heldout_synonyms": "synonyms"}
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class SetupResult:
 
 
 def _phrasing_for(condition: str, number: int, phrasing: str) -> str:
-    group = (cs.TRAIN_PHRASINGS if phrasing == "train" else cs.HELDOUT_PHRASINGS)[condition]
+    group = cs.PHRASINGS[phrasing][condition]
     return group[number % len(group)]
 
 
@@ -82,6 +83,6 @@ def run(
         else:
             encoder = create_encoder(focallens_model, encoder="focallens", device=device, batch_size=256)
         resolution = encoder.model.config.vision_config.image_size
-        phrasing = "heldout" if setup == "focallens_heldout_phrasing" else "train"
+        phrasing = _PHRASING_OF_SETUP.get(setup, "train")
         results[setup] = recall_at_1(items, encoder.encode_images, phrasing, resolution)
     return results

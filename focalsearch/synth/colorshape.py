@@ -6,7 +6,8 @@ the conditional retrieval benchmark: for a query and a condition, one positive s
 queried attribute, while the distractors share every other attribute.
 
 Held out from training: the (color, shape) pairs in HELD_OUT_PAIRS, and the phrasings in
-HELDOUT_PHRASINGS. Every word of a held-out phrasing occurs in the captions, so the text tower knows it.
+HELDOUT_PHRASINGS and HELDOUT_SYNONYMS. Every word of a held-out phrasing occurs in the captions, so
+the text tower knows it.
 """
 
 from __future__ import annotations
@@ -57,13 +58,23 @@ TRAIN_PHRASINGS: dict[str, tuple[str, ...]] = {
     "background": ("background", "background color", "what color is the background?", "what is behind the objects?"),
     "size": ("size", "what size are the shapes?", "how big are the objects?", "object size"),
 }
+# New wordings that the instruction data never uses; their words are all known from the captions.
 HELDOUT_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "color": ("the color of the items", "which color do the shapes have?"),
+    "shape": ("the shape of the items", "what shape are the items?"),
+    "count": ("the number of shapes", "how many items are shown?"),
+    "background": ("the background of the items", "which background do the shapes have?"),
+    "size": ("the size of the items", "which size do the shapes have?"),
+}
+# Harder: the attribute's own word is replaced by a synonym that only the captions use.
+HELDOUT_SYNONYMS: dict[str, tuple[str, ...]] = {
     "color": ("hue", "what hue are the shapes?"),
     "shape": ("form", "which form do the items have?"),
-    "count": ("number of items", "how many items are shown?"),
+    "count": ("number of items", "how many items are there in number?"),
     "background": ("backdrop", "what is the backdrop?"),
     "size": ("scale", "how large are the items?"),
 }
+PHRASINGS = {"train": TRAIN_PHRASINGS, "heldout": HELDOUT_PHRASINGS, "synonyms": HELDOUT_SYNONYMS}
 
 _CAPTION_TEMPLATES = (
     "{count} {size} {color} {shape}s on a {background} background",
@@ -89,7 +100,11 @@ _CAPTION_TEMPLATES = (
     "{count} {color} shapes that have a {shape} form",
     "what a {size} {color} {shape}",
     "the {shape}s do not touch on the {background} backdrop",
+    "there are {count} {color} {shape}s of {size} size",
 )
+
+
+_TEMPLATES_NAMING = {a: tuple(t for t in _CAPTION_TEMPLATES if "{" + a + "}" in t) for a in ATTRIBUTES}
 
 
 @dataclass(frozen=True)
@@ -151,13 +166,14 @@ def render(attrs: Attributes, seed: int, resolution: int = 64, supersample: int 
     side = resolution * supersample
     image = Image.new("RGB", (side, side), BACKGROUNDS[attrs.background])
     draw = ImageDraw.Draw(image)
-    cell = side / 3
-    radius = cell * (0.22 if attrs.size == "small" else 0.42)
-    cells = rng.sample(range(9), COUNTS.index(attrs.count) + 1)
+    # A 2x2 grid keeps even four large objects apart and big enough for a small ViT to tell apart.
+    cell = side / 2
+    radius = cell * (0.26 if attrs.size == "small" else 0.42)
+    cells = rng.sample(range(4), COUNTS.index(attrs.count) + 1)
     for index in cells:
         slack = cell / 2 - radius
-        cx = (index % 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
-        cy = (index // 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
+        cx = (index % 2 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
+        cy = (index // 2 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
         points = _shape_points(attrs.shape, cx, cy, radius)
         if points is None:
             draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=COLORS[attrs.color])
@@ -166,9 +182,25 @@ def render(attrs: Attributes, seed: int, resolution: int = 64, supersample: int 
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS) if supersample > 1 else image
 
 
-def caption(attrs: Attributes, rng: random.Random) -> str:
-    """A caption of the scene in one of several templates and synonyms."""
-    return rng.choice(_CAPTION_TEMPLATES).format(**asdict(attrs))
+def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None) -> str:
+    """A caption of the scene in one of several templates and synonyms (one that names ``mentioning``)."""
+    templates = _TEMPLATES_NAMING[mentioning] if mentioning else _CAPTION_TEMPLATES
+    return rng.choice(templates).format(**asdict(attrs))
+
+
+def variants(rng: random.Random, scenes: list[Attributes], group: int) -> tuple[str, list[Attributes]]:
+    """A scene and copies of it that differ in one random attribute: each other's hard negatives."""
+    base = rng.choice(scenes)
+    attribute = rng.choice(ATTRIBUTES)
+    values = list(VALUES[attribute])
+    rng.shuffle(values)
+    allowed = set(scenes)
+    out = []
+    for value in values:
+        candidate = base.replace(**{attribute: value})
+        if candidate in allowed:
+            out.append(candidate)
+    return attribute, [out[i % len(out)] for i in range(group)]
 
 
 def caption_vocabulary() -> set[str]:
@@ -189,8 +221,8 @@ def _words(text: str) -> list[str]:
 
 
 def instruction(attribute: str, rng: random.Random, phrasing: str = "train") -> str:
-    """A phrasing of the question about ``attribute`` from the 'train' or 'heldout' set."""
-    return rng.choice((TRAIN_PHRASINGS if phrasing == "train" else HELDOUT_PHRASINGS)[attribute])
+    """A phrasing of the question about ``attribute`` from the 'train', 'heldout' or 'synonyms' set."""
+    return rng.choice(PHRASINGS[phrasing][attribute])
 
 
 @dataclass(frozen=True)

@@ -120,29 +120,39 @@ class LlavaSource:
 class ColorShapeSource:
     """Generated ColorShape data from the training split: captions, or instruction triples."""
 
-    def __init__(self, objective: str = "instruction", resolution: int = 64, seed: int = 0, with_captions: bool = False):
+    def __init__(
+        self, objective: str = "instruction", resolution: int = 64, seed: int = 0, with_captions: bool = False, group: int = 4
+    ):
         if objective not in ("instruction", "caption"):
             raise ValueError(objective)
         self.objective = objective
         self.resolution = resolution
         self.seed = seed
         self.with_captions = with_captions
+        self.group = group
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
+        """Groups of scenes that differ in one attribute, so each batch holds hard negatives.
+
+        Caption batches name the varied attribute. Instruction batches ask about the varied
+        attribute for half the groups (different answers) and about another one for the rest
+        (one shared answer: the varied attribute must not matter).
+        """
         rng = random.Random(self.seed * 1_000_003 + step)
         images, instructions, targets, captions = [], [], [], []
-        for _ in range(size):
-            scene = rng.choice(self.scenes)
-            images.append(cs.render(scene, rng.getrandbits(31), self.resolution))
-            captions.append(cs.caption(scene, rng))
-            if self.objective == "caption":
-                instructions.append("")
-                targets.append(captions[-1])
-            else:
-                attribute = rng.choice(cs.ATTRIBUTES)
-                instructions.append(cs.instruction(attribute, rng, "train"))
-                targets.append(scene.get(attribute))
+        while len(images) < size:
+            varied, group = cs.variants(rng, self.scenes, self.group)
+            asked = varied if rng.random() < 0.5 else rng.choice([a for a in cs.ATTRIBUTES if a != varied])
+            for scene in group[: size - len(images)]:
+                images.append(cs.render(scene, rng.getrandbits(31), self.resolution))
+                captions.append(cs.caption(scene, rng, mentioning=varied))
+                if self.objective == "caption":
+                    instructions.append("")
+                    targets.append(captions[-1])
+                else:
+                    instructions.append(cs.instruction(asked, rng, "train"))
+                    targets.append(scene.get(asked))
         return TrainingBatch(images, instructions, targets, captions if self.with_captions else None)
 
     def texts(self) -> list[str]:
