@@ -30,8 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--caption-steps", type=int, default=1000)
-    parser.add_argument("--instruction-steps", type=int, default=1200)
+    parser.add_argument("--caption-steps", type=int, default=600)
+    parser.add_argument("--instruction-steps", type=int, default=1800)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
@@ -43,10 +43,10 @@ def main() -> None:
         for name in ("demo-clip", "demo"):
             shutil.rmtree(args.out / name, ignore_errors=True)
         train(str(init), args.out / "demo-clip", captions,
-              TrainOptions(objective="caption", steps=args.caption_steps, batch_size=args.batch_size, lr=1e-3,
+              TrainOptions(objective="caption", steps=args.caption_steps, batch_size=args.batch_size, lr=5e-4,
                            warmup=50, seed=args.seed, device="cpu"))
         train(str(args.out / "demo-clip"), args.out / "demo", instructions,
-              TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=1e-3,
+              TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=3e-4,
                            warmup=50, seed=args.seed, device="cpu", train_text=True))
     print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
 
