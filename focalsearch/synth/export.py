@@ -28,7 +28,7 @@ def write_colorshape(out: str | Path, n: int, *, seed: int = 0, resolution: int 
     metadata, conversations = [], []
     for number in range(n):
         scene = rng.choice(scenes)
-        name = f"images/{number:05d}-{scene.color}-{scene.shape}.png"
+        name = f"images/{number:05d}-{scene.color}-{scene.shape}-on-{scene.background}.png"
         cs.render(scene, rng.getrandbits(31), resolution).save(out / name)
         metadata.append({"image": name, **asdict(scene), "caption": cs.caption(scene, rng)})
         turns = []
