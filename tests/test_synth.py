@@ -68,3 +68,21 @@ def test_benchmark_items_obey_the_protocol():
             assert distractor.get(item.condition) != item.query.get(item.condition)
             assert all(distractor.get(a) == item.query.get(a) for a in others)
     assert cs.benchmark_items(per_condition=40, distractors=4, seed=1) == items
+
+
+def test_recall_at_1_bookkeeping_perfect_and_constant_scorers():
+    from focalsearch.bench.colorshape import recall_at_1
+
+    items = cs.benchmark_items(per_condition=4, distractors=3, seed=2)
+    size = 2 + 3
+
+    def oracle(images, instruction):
+        # Images arrive per item as [query, positive, distractors...]: give query and positive one vector.
+        vectors = np.zeros((len(images), 2), np.float32)
+        for i in range(len(images)):
+            vectors[i] = (1, 0) if i % size in (0, 1) else (0, 1)
+        return vectors
+
+    assert recall_at_1(items, oracle, resolution=16).mean == 1.0
+    constant = recall_at_1(items, lambda images, _: np.ones((len(images), 2), np.float32), resolution=16)
+    assert constant.mean == 0.0 and set(constant.per_condition) == set(cs.ATTRIBUTES)

@@ -32,4 +32,5 @@ def write_checkpoint(out: Path, model, tokenizer, processor, extra: Callable[[Pa
             staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    out.chmod(0o755)  # mkdtemp made the staging folder private
     return out
