@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -211,7 +212,7 @@ def train(
         else:
             triples = read_llava_json(data)
             if objective == "caption":  # each answer then serves as its image's caption
-                triples = [t.__class__(t.image, "", t.answer) for t in triples]
+                triples = [dataclasses.replace(t, instruction="") for t in triples]
             source = LlavaSource(triples, image_root or Path(data).parent, seed=seed)
         options = TrainOptions(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,

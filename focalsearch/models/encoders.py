@@ -38,7 +38,8 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _dtype_for(device: torch.device) -> torch.dtype:
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """float32 on the CPU; bf16 (fp16 where unsupported) on CUDA."""
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -71,7 +72,7 @@ class ConditionalEncoder:
                 "or turn it into FocalLens-CLIP with `focalsearch model init`"
             )
         self.device = pick_device(device)
-        self.dtype = _dtype_for(self.device)
+        self.dtype = inference_dtype(self.device)
         self.model = model.to(self.device, dtype=self.dtype)
         self.tokenizer = tokenizer
         self.image_processor = processor

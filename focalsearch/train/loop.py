@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from focalsearch.errors import UserError
-from focalsearch.models.encoders import _dtype_for, pick_device
+from focalsearch.models.encoders import inference_dtype, pick_device
 from focalsearch.models.focallens_clip import FocalLensCLIPModel
 from focalsearch.models.init_checkpoint import focallens_from_clip
 from focalsearch.models.loading import load_clip_family, resolve_model
@@ -97,7 +97,7 @@ class _Trainer:
     def __init__(self, model, tokenizer, processor, options: TrainOptions):
         self.model, self.tokenizer, self.processor, self.options = model, tokenizer, processor, options
         self.device = pick_device(options.device)
-        self.autocast_dtype = _dtype_for(self.device)
+        self.autocast_dtype = inference_dtype(self.device)
         self.model.to(self.device).train()
         self.freeze_text = options.objective == "instruction" and not options.train_text
         text_parts = [self.model.text_model, self.model.text_projection]
