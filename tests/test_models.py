@@ -121,3 +121,4 @@ def test_default_model_comes_from_the_environment(monkeypatch, tiny_focal):
 def test_instruction_normalisation():
     assert normalize_instruction("  How many\tobjects?  ") == "how many objects?"
     assert normalize_instruction(None) == ""
+

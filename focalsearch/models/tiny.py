@@ -17,7 +17,11 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CLIPTokenizer:
-    """Train a byte-level BPE with CLIP's normalisation and word splitting, as a CLIPTokenizer."""
+    """Train a byte-level BPE with CLIP's normalisation and word splitting, as a CLIPTokenizer.
+
+    Not bit-reproducible yet: the `tokenizers` trainer orders equally frequent merges differently
+    from run to run (token ids are renumbered deterministically from the merges, see below).
+    """
     bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -42,7 +46,19 @@ def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CLIPTo
     bpe.train_from_iterator(texts, trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return CLIPTokenizer(vocab=state["vocab"], merges=merges)
+    return CLIPTokenizer(vocab=_deterministic_ids(state["vocab"], merges), merges=merges)
+
+
+def _deterministic_ids(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict[str, int]:
+    """Renumber the trained vocabulary from its merges, instead of the trainer's run-dependent ids.
+
+    Special tokens keep ids 0 and 1, then the single symbols in sorted order, then merge results in
+    merge order; BPE's behaviour depends only on the merges, so this changes nothing but the ids.
+    """
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    merged_set = set(merged)
+    initial = sorted(t for t in vocab if t not in merged_set and t not in (BOS, EOS))
+    return {token: index for index, token in enumerate([BOS, EOS, *initial, *merged])}
 
 
 def tiny_clip_config(
