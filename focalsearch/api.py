@@ -10,7 +10,8 @@ from pathlib import Path
 
 from focalsearch.errors import IndexBusyError, ModelMismatchError, UnknownConditionError, UserError
 from focalsearch.images import DEFAULT_MAX_PIXELS, open_query_image
-from focalsearch.store import DEFAULT_INDEX_DIR, Condition, Store
+from focalsearch.defaults import DEFAULT_INDEX_DIR
+from focalsearch.store import Condition, Store
 
 _ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
 

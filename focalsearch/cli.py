@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from focalsearch.defaults import DEFAULT_INDEX_DIR as DEFAULT_INDEX
 from focalsearch.errors import FocalSearchError
 
 app = typer.Typer(
@@ -31,7 +32,6 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-DEFAULT_INDEX = Path("indexes/default")
 _SKIPPED_SHOWN = 20
 
 

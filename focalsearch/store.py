@@ -17,10 +17,10 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from focalsearch.defaults import DEFAULT_INDEX_DIR  # noqa: F401  (re-exported)
 from focalsearch.errors import IndexNotFoundError, StorageError
 
 CATALOG_TABLE = "conditions"
-DEFAULT_INDEX_DIR = Path("indexes/default")
 
 _CATALOG_SCHEMA = pa.schema(
     [

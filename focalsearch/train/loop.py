@@ -180,7 +180,7 @@ class _Trainer:
     # -- optimizer state as safetensors (never pickle) -------------------------------------------
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         state = self.optimizer.state_dict()["state"]
-        return {f"{index}.{key}": value.detach().cpu().contiguous().reshape(value.shape) if torch.is_tensor(value) else torch.tensor(value)
+        return {f"{index}.{key}": value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
                 for index, entries in state.items() for key, value in entries.items()}
 
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
