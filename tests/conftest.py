@@ -28,11 +28,11 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    """A small random CLIP saved by transformers, with a tokenizer trained by `tokenizers`."""
+    """A small random CLIP saved by transformers, with a BPE tokenizer learned from CORPUS."""
     from focalsearch.models.tiny import save_tiny_clip
 
     return save_tiny_clip(
-        tmp_path_factory.mktemp("models") / "tiny-clip", CORPUS * 4, vocab_size=400, width=32, projection_dim=32
+        tmp_path_factory.mktemp("models") / "tiny-clip", CORPUS * 4, vocab_size=700, width=32, projection_dim=32
     )
 
 

@@ -122,3 +122,18 @@ def test_instruction_normalisation():
     assert normalize_instruction("  How many\tobjects?  ") == "how many objects?"
     assert normalize_instruction(None) == ""
 
+
+
+def test_tokenizer_learning_is_reproducible_and_keeps_known_words_whole():
+    from focalsearch.models.tiny import build_clip_tokenizer
+
+    corpus = ["how many shapes are there?", "two red stars on a teal backdrop", "background color"] * 3
+    first, second = build_clip_tokenizer(corpus, 700), build_clip_tokenizer(corpus, 700)
+    assert first.get_vocab() == second.get_vocab()
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+    assert first.tokenize("Two red STARS on a teal backdrop") == [
+        "two</w>", "red</w>", "stars</w>", "on</w>", "a</w>", "teal</w>", "backdrop</w>"
+    ]
+    # Unseen text still maps to byte symbols, never to the unknown token.
+    ids = first("zebra ünïcode 42")["input_ids"]
+    assert first.convert_tokens_to_ids(first.unk_token) not in ids[1:-1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -153,3 +155,36 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     assert long_answers.exit_code == 0, long_answers.output
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot read training data")
+
+
+def test_no_weight_decay_on_temperature_gains_and_biases(tiny_clip):
+    from focalsearch.models.loading import load_clip_family, resolve_model
+    from focalsearch.train.loop import TrainOptions, _Trainer
+
+    model, tokenizer, processor = load_clip_family(resolve_model(str(tiny_clip)))
+    trainer = _Trainer(model, tokenizer, processor, TrainOptions(objective="caption", device="cpu", weight_decay=0.1))
+    decay = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.logit_scale) not in decay
+    assert id(model.vision_model.post_layernorm.weight) not in decay
+    assert id(model.visual_projection.weight) in decay
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_grayscale_only_where_the_answer_survives_it():
+    from focalsearch.synth import colorshape as cs
+    from focalsearch.train.data import ColorShapeSource
+
+    gray_answers, colour_answers = set(), set()
+    source = ColorShapeSource("instruction", 32, seed=3, grayscale=1.0)
+    for step in range(6):
+        batch = source.batch(step, 32)
+        for image, target in zip(batch.images, batch.targets):
+            pixels = np.asarray(image).astype(int)
+            is_gray = bool((pixels.max(axis=2) == pixels.min(axis=2)).all())
+            (gray_answers if is_gray else colour_answers).add(target)
+    colour_free = {v for a in cs.COLOR_FREE_ATTRIBUTES for v in cs.VALUES[a]}
+    assert gray_answers and gray_answers <= colour_free  # never asked about colour or background
+    assert set(cs.COLORS) & colour_answers and set(cs.BACKGROUNDS) & colour_answers
+    assert not cs.visible_in_grayscale(cs.Attributes("red", "star", "one", "teal", "small"))
+    plain = ColorShapeSource("instruction", 32, seed=3).batch(0, 32)
+    assert all(not (np.asarray(i).max(axis=2) == np.asarray(i).min(axis=2)).all() for i in plain.images)

@@ -5,28 +5,24 @@ Tests and the bundled demo models start here, since no weights can be downloaded
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CLIPTokenizer:
-    """Train a byte-level BPE with CLIP's normalisation and word splitting, as a CLIPTokenizer.
-
-    Not bit-reproducible yet: the `tokenizers` trainer orders equally frequent merges differently
-    from run to run (token ids are renumbered deterministically from the merges, see below).
-    """
-    bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence(
+def _clip_pre_tokenizer() -> Tokenizer:
+    """CLIP's normalisation and word splitting, byte-level, as a `tokenizers` pipeline."""
+    tokenizer = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
                 Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
@@ -36,29 +32,56 @@ def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CLIPTo
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return CLIPTokenizer(vocab=_deterministic_ids(state["vocab"], merges), merges=merges)
+    return tokenizer
 
 
-def _deterministic_ids(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict[str, int]:
-    """Renumber the trained vocabulary from its merges, instead of the trainer's run-dependent ids.
+def learn_bpe_merges(texts: Iterable[str], vocab_size: int) -> list[tuple[str, str]]:
+    """BPE merges learned from ``texts``, bit-for-bit the same on every run.
 
-    Special tokens keep ids 0 and 1, then the single symbols in sorted order, then merge results in
-    merge order; BPE's behaviour depends only on the merges, so this changes nothing but the ids.
+    The `tokenizers` trainer breaks ties between equally frequent pairs in a run-dependent order,
+    which changes token ids and so a seeded model's initial weights; here ties go to the
+    lexicographically smallest pair. Word splitting is the `tokenizers` pipeline's.
     """
+    pipeline = _clip_pre_tokenizer()
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for word, _ in pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(text)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    budget = vocab_size - 2 - 2 * len(pre_tokenizers.ByteLevel.alphabet())  # specials, symbols with and without </w>
+    merges: list[tuple[str, str]] = []
+    while len(merges) < budget:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        words = Counter({_merge(word, best): count for word, count in words.items()})
+    return merges
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CLIPTokenizer:
+    """A CLIPTokenizer with a byte-level BPE learned from ``texts`` (deterministic, see learn_bpe_merges)."""
+    merges = learn_bpe_merges(texts, vocab_size)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = alphabet + [a + "</w>" for a in alphabet]
     merged = list(dict.fromkeys(a + b for a, b in merges))
-    merged_set = set(merged)
-    initial = sorted(t for t in vocab if t not in merged_set and t not in (BOS, EOS))
-    return {token: index for index, token in enumerate([BOS, EOS, *initial, *merged])}
+    vocab = {token: index for index, token in enumerate(dict.fromkeys([BOS, EOS, *symbols, *merged]))}
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def tiny_clip_config(

@@ -39,6 +39,7 @@ BACKGROUNDS = {
 }
 SIZES = ("small", "large")
 ATTRIBUTES = ("color", "shape", "count", "background", "size")
+COLOR_FREE_ATTRIBUTES = ("shape", "count", "size")  # answers that survive turning the image gray
 VALUES: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "shape": SHAPES,
@@ -180,6 +181,15 @@ def render(attrs: Attributes, seed: int, resolution: int = 64, supersample: int 
         else:
             draw.polygon(points, fill=COLORS[attrs.color])
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS) if supersample > 1 else image
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # PIL's RGB -> L weights
+
+
+def visible_in_grayscale(attrs: Attributes, min_contrast: float = 30.0) -> bool:
+    """Whether the objects stand out from the background once the image is gray (red on teal does not)."""
+    return abs(_luma(COLORS[attrs.color]) - _luma(BACKGROUNDS[attrs.background])) >= min_contrast
 
 
 def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None) -> str:

@@ -121,15 +121,24 @@ class ColorShapeSource:
     """Generated ColorShape data from the training split: captions, or instruction triples."""
 
     def __init__(
-        self, objective: str = "instruction", resolution: int = 64, seed: int = 0, with_captions: bool = False, group: int = 4
+        self,
+        objective: str = "instruction",
+        resolution: int = 64,
+        seed: int = 0,
+        with_captions: bool = False,
+        group: int = 4,
+        grayscale: float = 0.0,
     ):
         if objective not in ("instruction", "caption"):
             raise ValueError(objective)
+        if not 0.0 <= grayscale <= 1.0:
+            raise ValueError(f"grayscale must be a probability, got {grayscale}")
         self.objective = objective
         self.resolution = resolution
         self.seed = seed
         self.with_captions = with_captions
         self.group = group
+        self.grayscale = grayscale
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
@@ -137,7 +146,10 @@ class ColorShapeSource:
 
         Caption batches name the varied attribute. Instruction batches ask about the varied
         attribute for half the groups (different answers) and about another one for the rest
-        (one shared answer: the varied attribute must not matter).
+        (one shared answer: the varied attribute must not matter). With ``grayscale`` > 0, that
+        share of the images asked about a colour-free attribute (shape, count, size) lose their
+        colours (where the objects stay visible), so shape is also learned apart from the few
+        colours it comes in; no held-out (colour, shape) pair is ever shown.
         """
         rng = random.Random(self.seed * 1_000_003 + step)
         images, instructions, targets, captions = [], [], [], []
@@ -145,7 +157,11 @@ class ColorShapeSource:
             varied, group = cs.variants(rng, self.scenes, self.group)
             asked = varied if rng.random() < 0.5 else rng.choice([a for a in cs.ATTRIBUTES if a != varied])
             for scene in group[: size - len(images)]:
-                images.append(cs.render(scene, rng.getrandbits(31), self.resolution))
+                image = cs.render(scene, rng.getrandbits(31), self.resolution)
+                if self.grayscale and self.objective == "instruction" and asked in cs.COLOR_FREE_ATTRIBUTES:
+                    if rng.random() < self.grayscale and cs.visible_in_grayscale(scene):
+                        image = image.convert("L").convert("RGB")
+                images.append(image)
                 captions.append(cs.caption(scene, rng, mentioning=varied))
                 if self.objective == "caption":
                     instructions.append("")

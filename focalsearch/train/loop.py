@@ -47,6 +47,7 @@ class TrainOptions:
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 0.05
+    beta2: float = 0.98
     warmup: int = 100
     caption_weight: float = 0.0
     train_text: bool = False
@@ -107,7 +108,13 @@ class _Trainer:
             for part in text_parts:
                 part.eval()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=options.lr, weight_decay=options.weight_decay)
+        # CLIP's convention: no weight decay on gains, biases, the class embedding and the temperature
+        # (decay pulls the log temperature towards 0 and undoes what the loss learns).
+        groups = [
+            {"params": [p for p in self.trainable if p.ndim >= 2], "weight_decay": options.weight_decay},
+            {"params": [p for p in self.trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, options.beta2))
         self._text_cache: dict[str, torch.Tensor] = {}
         self._instruction_cache: dict[str, torch.Tensor] = {}
 
