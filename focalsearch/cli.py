@@ -227,6 +227,41 @@ def train(
     typer.echo(f"wrote {result.out}")
 
 
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="genecis, celeba-attribute, mmvp-vlm, sugarcrepe or colorshape.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder with the benchmark's official files (not for colorshape).")] = None,
+    model: ModelOpt = None,
+    encoder: Annotated[str, typer.Option("--encoder", help="auto, focallens, clip or clip+text.")] = "auto",
+    instruction: Annotated[Optional[str], typer.Option("--instruction", help="Instruction or template replacing the benchmark's default (see its docstring).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    device: DeviceOpt = "auto",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N records per file (a quick check).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+) -> None:
+    """Rerun one of the paper's benchmarks and print our figures beside the paper's."""
+    from focalsearch.bench.registry import BENCHMARKS
+
+    if name not in BENCHMARKS:
+        _fail(f"unknown benchmark {name!r}; use one of: {', '.join(BENCHMARKS)}", 2)
+    _quiet_libraries()
+
+    def go():
+        from focalsearch.bench.registry import run_benchmark
+        from focalsearch.models import create_encoder
+
+        loaded = create_encoder(model, encoder=encoder, device=device, batch_size=batch_size)
+        report = run_benchmark(name, loaded, data, instruction=instruction, limit=limit, progress=sys.stderr.isatty())
+        if json_out is not None:
+            report.write_json(json_out)
+        return report
+
+    report = _run(go)
+    typer.echo(report.table())
+    if json_out is not None:
+        typer.echo(f"wrote {json_out}", err=True)
+
+
 @synth_app.command("colorshape")
 def synth_colorshape(
     out: Annotated[Path, typer.Argument(help="Folder to write images/, metadata.jsonl and instructions.json to.")],

@@ -86,3 +86,22 @@ def run(
         phrasing = _PHRASING_OF_SETUP.get(setup, "train")
         results[setup] = recall_at_1(items, encoder.encode_images, phrasing, resolution)
     return results
+
+
+def run_report(encoder, data=None, *, instruction: str | None = None, limit: int | None = None, progress: bool = False):
+    """One encoder on the held-out items, as a BenchReport in percent (``focalsearch bench colorshape``)."""
+    from focalsearch.bench.common import BenchDataError, BenchReport
+
+    if data is not None or instruction is not None:
+        raise BenchDataError("colorshape generates its own items and phrasings; drop --data and --instruction")
+    per_condition = limit or 200
+    items = cs.benchmark_items(per_condition, 4, 0)
+    resolution = encoder.model.config.vision_config.image_size
+    result = recall_at_1(items, encoder.encode_images, "train", resolution)
+    metrics = {f"{c}/R@1": v * 100 for c, v in result.per_condition.items()}
+    metrics["mean/R@1"] = result.mean * 100
+    if encoder.info.encoder == "focallens":
+        for phrasing, label in (("heldout", "held-out phrasings"), ("synonyms", "held-out synonyms")):
+            metrics[f"mean/R@1, {label}"] = recall_at_1(items, encoder.encode_images, phrasing, resolution).mean * 100
+    return BenchReport("colorshape", encoder.info.model, encoder.info.encoder, metrics,
+                       details={"queries_per_condition": per_condition, "distractors": 4})

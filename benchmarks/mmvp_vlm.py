@@ -1,0 +1,13 @@
+"""The mmvp-vlm benchmark; the same as `focalsearch bench mmvp-vlm`, with the same options.
+
+    python benchmarks/mmvp_vlm.py --data DIR --model M [--encoder focallens|clip|clip+text] [--json OUT]
+
+The protocol and the data layout are described in focalsearch/bench/ and in the README.
+"""
+
+import sys
+
+from focalsearch.cli import app
+
+if __name__ == "__main__":
+    app(["bench", "mmvp-vlm", *sys.argv[1:]], prog_name=f"{sys.argv[0]}")

@@ -1,0 +1,218 @@
+"""What every paper benchmark shares: the report, the scoring rules, data errors and batched encoding.
+
+Scoring rules (pinned by tests/test_bench_metrics.py):
+- ranks break ties *against* the item being scored, so a constant scorer gets no credit from order;
+- a pairwise choice counts only when the right side scores strictly higher.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from focalsearch.errors import UserError
+
+REFERENCE_SOURCE = "as quoted by secondary sources, not read from the paper itself"
+
+
+class BenchDataError(UserError):
+    """A benchmark's data is missing or not in the official format."""
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """One benchmark run: our metrics (percentages) beside the paper's reference figures."""
+
+    benchmark: str
+    model: str
+    encoder: str
+    metrics: dict[str, float]
+    reference: dict[str, float | str] = field(default_factory=dict)
+    reference_model: str = "FocalLens-CLIP"
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "encoder": self.encoder,
+            "metrics": {k: round(v, 2) for k, v in self.metrics.items()},
+            "reference": self.reference,
+            "reference_model": self.reference_model,
+            "reference_source": REFERENCE_SOURCE,
+            **self.details,
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def table(self) -> str:
+        """Metric | ours | paper, one row per metric; references without a matching metric follow."""
+        width = max([len(k) for k in self.metrics] + [len(k) for k in self.reference] + [6])
+        lines = [
+            f"{self.benchmark}: {self.model} ({self.encoder})",
+            f"{'metric':<{width}}  {'ours':>7}" + (f"  {'paper':>7}  (paper: {self.reference_model})" if self.reference else ""),
+        ]
+        for name, value in self.metrics.items():
+            ref = self.reference.get(name)
+            ref_text = f"  {ref:>7.2f}" if isinstance(ref, (int, float)) else ""
+            lines.append(f"{name:<{width}}  {value:>7.2f}{ref_text}")
+        extra = {k: v for k, v in self.reference.items() if k not in self.metrics}
+        for name, value in extra.items():
+            lines.append(f"paper: {name}: {value}")
+        if self.reference:
+            lines.append(f"(paper figures: {REFERENCE_SOURCE})")
+        return "\n".join(lines)
+
+
+# -- scoring rules -----------------------------------------------------------------------------------
+def pessimistic_rank(scores: np.ndarray, target: int) -> int:
+    """1-based rank of ``scores[target]``; every other candidate with an equal score ranks above it."""
+    others = np.delete(scores, target)
+    return int(np.sum(others >= scores[target])) + 1
+
+
+def recall_at_k(ranks: Sequence[int], k: int) -> float:
+    """Percentage of ranks that are at most k."""
+    ranks = np.asarray(ranks)
+    return float(np.mean(ranks <= k) * 100) if len(ranks) else 0.0
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """AP of a ranking by descending score; within equal scores, irrelevant items come first."""
+    relevant = np.asarray(relevant, dtype=bool)
+    n_relevant = int(relevant.sum())
+    if n_relevant == 0:
+        return 0.0
+    order = np.lexsort((relevant, -np.asarray(scores)))  # primary: score desc; ties: False (irrelevant) first
+    hits = relevant[order]
+    precision_at_hits = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
+    return float(precision_at_hits.sum() / n_relevant)
+
+
+def strictly_prefers(own: float, other: float) -> bool:
+    """A choice between two candidates counts only when the right one scores strictly higher."""
+    return bool(own > other)
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else 0.0
+
+
+# -- data access ---------------------------------------------------------------------------------------
+def require_file(path: Path, benchmark: str, what: str) -> Path:
+    if not path.is_file():
+        raise BenchDataError(f"{benchmark}: missing {what} {path}")
+    return path
+
+
+def require_dir(path: Path, benchmark: str, what: str) -> Path:
+    if not path.is_dir():
+        raise BenchDataError(f"{benchmark}: missing {what} folder {path}")
+    return path
+
+
+def read_json(path: Path, benchmark: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BenchDataError(f"{benchmark}: {path} is not valid JSON: {exc}") from None
+
+
+def load_rgb(path: Path, benchmark: str):
+    """Decode one benchmark image, or raise a one-line error naming it."""
+    from focalsearch.images import SkippedImage, load_image
+
+    loaded = load_image(path)
+    if isinstance(loaded, SkippedImage):
+        raise BenchDataError(f"{benchmark}: cannot use image {path}: {loaded.reason}")
+    return loaded.image
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def _decoded_batches(encoder, keys: list, load: Callable[[Hashable], object], progress: bool, desc: str, workers: int):
+    """Yield (keys, pixels) per encoder batch; each image is decoded and preprocessed once, in threads."""
+    batch = max(1, encoder.batch_size)
+    with progress_bar(len(keys), desc, progress) as bar, ThreadPoolExecutor(workers) as pool:
+        pending = None
+        for start in range(0, len(keys) + batch, batch):
+            # Decode the next batch while the current one is encoded.
+            chunk = keys[start : start + batch]
+            upcoming = pool.submit(lambda c=chunk: encoder.preprocess(list(map(load, c)))) if chunk else None
+            if pending is not None:
+                previous_keys, future = pending
+                yield previous_keys, future.result()
+                bar.update(len(previous_keys))
+            pending = (chunk, upcoming) if chunk else None
+
+
+def encode_requests(
+    encoder,
+    requests: dict[str, list[Hashable]],
+    load: Callable[[Hashable], object],
+    *,
+    progress: bool = False,
+    desc: str = "encoding",
+    workers: int = 8,
+) -> dict[tuple[Hashable, str], np.ndarray]:
+    """Encode each image key under each instruction that asks for it, decoding every image once.
+
+    ``requests`` maps an instruction to the image keys it needs. A plain ``clip`` encoder ignores
+    instructions, so its images are encoded once and shared.
+    """
+    ignores_instruction = encoder.info.encoder == "clip"
+    wanted: dict[Hashable, list[str]] = {}
+    for instruction, group in requests.items():
+        for key in group:
+            needs = wanted.setdefault(key, [])
+            if instruction not in needs:
+                needs.append(instruction)
+    vectors: dict[tuple[Hashable, str], np.ndarray] = {}
+    for keys, pixels in _decoded_batches(encoder, list(wanted), load, progress, desc, workers):
+        by_instruction: dict[str, list[int]] = {}
+        for row, key in enumerate(keys):
+            for instruction in [""] if ignores_instruction else wanted[key]:
+                by_instruction.setdefault(instruction, []).append(row)
+        for instruction, rows in by_instruction.items():
+            encoded = encoder.encode_pixels(pixels[rows], instruction)
+            for row, vector in zip(rows, encoded):
+                for asked in wanted[keys[row]] if ignores_instruction else [instruction]:
+                    vectors[(keys[row], asked)] = vector
+    return vectors
+
+
+def encode_grid(
+    encoder,
+    keys: list[Hashable],
+    instructions: list[str],
+    load: Callable[[Hashable], object],
+    *,
+    progress: bool = False,
+    desc: str = "encoding",
+    workers: int = 8,
+) -> dict[str, np.ndarray]:
+    """Every image under every instruction, as one float16 (len(keys), dim) matrix per instruction."""
+    distinct = [""] if encoder.info.encoder == "clip" else list(dict.fromkeys(instructions))
+    grids = {i: np.zeros((len(keys), encoder.info.dim), np.float16) for i in distinct}
+    row = 0
+    for chunk, pixels in _decoded_batches(encoder, keys, load, progress, desc, workers):
+        for instruction, grid in grids.items():
+            grid[row : row + len(chunk)] = encoder.encode_pixels(pixels, instruction)
+        row += len(chunk)
+    return {i: grids["" if encoder.info.encoder == "clip" else i] for i in instructions}
+
+
+def limit_records(records: list, limit: int | None) -> list:
+    return records if limit is None else records[:limit]
