@@ -49,14 +49,17 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _run(action):
+_RESUMABLE = "interrupted; committed batches are kept, rerun the same command to resume"
+
+
+def _run(action, interrupted: str = _RESUMABLE):
     """Call ``action``; turn every failure into one line on stderr and an exit code."""
     try:
         return action()
     except FocalSearchError as exc:
         _fail(" ".join(str(exc).split()), exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted; committed batches are kept, rerun the same command to resume", 130)
+        _fail(interrupted, 130)
     except typer.Exit:
         raise
     except Exception as exc:  # an internal failure: one line, the traceback only on request
@@ -130,7 +133,7 @@ def query(
 
     _quiet_libraries()
     engine = FocalSearch(index_dir, model, device=device)
-    result = _run(lambda: engine.search(image=image, text=text, instruction=instruction, k=k))
+    result = _run(lambda: engine.search(image=image, text=text, instruction=instruction, k=k), interrupted="interrupted")
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     elif paths_only:
@@ -220,7 +223,7 @@ def train(
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 
-    result = _run(go)
+    result = _run(go, interrupted="interrupted; rerun the same command to resume from the last saved checkpoint")
     first, last = result.losses[0], result.losses[-1]
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
     typer.echo(f"trained {result.steps} steps{resumed} in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
@@ -256,7 +259,7 @@ def bench(
             report.write_json(json_out)
         return report
 
-    report = _run(go)
+    report = _run(go, interrupted="interrupted; no report was written")
     typer.echo(report.table())
     if json_out is not None:
         typer.echo(f"wrote {json_out}", err=True)

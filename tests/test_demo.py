@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -56,3 +59,18 @@ def test_quick_start_gives_different_neighbours_per_instruction(tmp_path):
     # Under "color" the neighbours share the colour, under "background" the background.
     assert matches["color"][0] >= 45 and matches["background"][1] >= 45, matches
     assert matches["color"][0] > matches["background"][0] + 15 and matches["background"][1] > matches["color"][1] + 15, matches
+
+
+def test_documented_build_command_is_bitwise_reproducible(tmp_path):
+    """The same command twice gives the same bytes: tokenizer, caption training and instruction tuning."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build_demo_models.py"
+    digests = []
+    for run_number in range(2):
+        out = tmp_path / f"run{run_number}"
+        args = [sys.executable, str(script), "--out", str(out), "--caption-steps", "2", "--instruction-steps", "2", "--batch-size", "16"]
+        subprocess.run(args, check=True, capture_output=True, timeout=300)
+        digests.append({
+            f"{name}/{file}": hashlib.sha256((out / name / file).read_bytes()).hexdigest()
+            for name in ("demo-clip", "demo") for file in ("model.safetensors", "tokenizer.json")
+        })
+    assert digests[0] == digests[1]
