@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 EXACT_MAX_ROWS: int = 50_000
 TARGET_RECALL: float = 0.95
+# Median single-query search time the tuner may spend for recall (2-core CPU; see benchmarks/ann.py).
+LATENCY_BUDGET_MS: float = 2.0
+LATENCY_QUERIES = 50
 
 KINDS = ("flat", "hnsw", "ivf")
 HNSW_M = 32
@@ -134,12 +138,15 @@ def build_index(
     target_recall: float = TARGET_RECALL,
     seed: int = 0,
     tune_queries: np.ndarray | None = None,
+    latency_budget_ms: float | None = LATENCY_BUDGET_MS,
 ) -> AnnIndex:
     """Build an index over `vectors` (n, d); position i in results is row i of `vectors`.
 
     HNSW/IVF search parameters are doubled from a small value until recall@10 against exact search reaches
     `target_recall` on ~200 perturbed data points drawn with `seed` (see TUNE_NOISE), or on `tune_queries`
     when given: pass real query vectors if you have them, as text queries may sit far from the image vectors.
+    Like autofaiss, the tuner keeps to a latency budget: a setting whose median single-query time exceeds
+    `latency_budget_ms` is not taken (the smallest setting always is), and the recall it settles for is logged.
     n == 0 always gives an empty flat index.
     """
     x = _as_matrix(vectors, "vectors")
@@ -181,16 +188,33 @@ def build_index(
             q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
     k = min(TUNE_K, n)
     truth = _exact_positions(x, q, k)
+    accepted: tuple[int, float] | None = None
     while True:
         params[knob] = value
         _apply_params(index, kind, params)
         recall = _recall(index.search(q, k)[1], truth)
+        if accepted is not None and latency_budget_ms is not None and _median_ms(index, q, k) > latency_budget_ms:
+            value, recall = accepted
+            params[knob] = value
+            _apply_params(index, kind, params)
+            break
         if recall >= target_recall or value >= limit:
             break
+        accepted = (value, recall)
         value = min(value * 2, limit)
     if recall < target_recall:
         log.warning("%s index reached recall@%d=%.3f < %.3f at %s=%d", kind, k, recall, target_recall, knob, value)
     return AnnIndex(index, kind, params, float(recall))
+
+
+def _median_ms(index: faiss.Index, queries: np.ndarray, k: int) -> float:
+    """Median wall time of one query at a time, as a user's search sees it."""
+    times = []
+    for q in queries[:LATENCY_QUERIES]:
+        started = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
 
 
 def search(ann: AnnIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

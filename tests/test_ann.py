@@ -340,3 +340,12 @@ def test_crash_while_writing_keeps_old_pair(tmp_path, built, monkeypatch):
     got, meta = ann.load_index(path)
     assert meta == {"version": 1} and got.kind == "flat"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx.faiss", "idx.faiss.json"]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_tuning_keeps_to_the_latency_budget(data, kind):
+    unbounded = ann.build_index(data, kind=kind, target_recall=0.999, latency_budget_ms=None)
+    knob = "efSearch" if kind == "hnsw" else "nprobe"
+    capped = ann.build_index(data, kind=kind, target_recall=0.999, latency_budget_ms=1e-9)
+    assert unbounded.params[knob] > capped.params[knob] == (ann.HNSW_EF_START if kind == "hnsw" else 1)
+    assert capped.recall_at_10 < unbounded.recall_at_10
