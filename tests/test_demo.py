@@ -29,36 +29,39 @@ def test_bundled_names_resolve_without_network_and_stay_small():
 
 def test_demo_retrieves_by_the_instructed_attribute_where_clip_does_not():
     results = run(per_condition=20, setups=("clip", "focallens"))
-    # The demo has learned colour and background well, shape and count not yet (see README figures).
-    for condition in ("color", "background"):
-        assert results["focallens"].per_condition[condition] >= 0.75, results["focallens"]
-        assert results["clip"].per_condition[condition] <= 0.4, results["clip"]
-    assert results["focallens"].mean >= results["clip"].mean + 0.3, results
+    focallens, clip = results["focallens"].per_condition, results["clip"].per_condition
+    # 20 queries per condition: loose floors under the 200-query figures in the README.
+    for condition in ("color", "count", "background"):
+        assert focallens[condition] >= 0.7, results["focallens"]
+    for condition in ("shape", "size"):
+        assert focallens[condition] >= 0.3, results["focallens"]
+    assert all(value <= 0.4 for value in clip.values()), results["clip"]
+    assert results["focallens"].mean >= results["clip"].mean + 0.5, results
 
 
 def _attributes(path: str) -> tuple[str, str]:
-    """(colour, background) from a name like 00000-yellow-triangle-on-black.png."""
-    _, color, _, _, background = Path(path).stem.split("-")
-    return color, background
+    """(colour, shape) from a name like 00000-yellow-triangle-on-black.png."""
+    _, color, shape, _, _ = Path(path).stem.split("-")
+    return color, shape
 
 
 def test_quick_start_gives_different_neighbours_per_instruction(tmp_path):
     runner = CliRunner()
     index = tmp_path / "index"
-    built = runner.invoke(app, ["index", str(EXAMPLES), "-i", "color", "-i", "background", "--model", "demo", "--index", str(index), "--json"])
+    built = runner.invoke(app, ["index", str(EXAMPLES), "-i", "color", "-i", "shape", "--model", "demo", "--index", str(index), "--json"])
     assert built.exit_code == 0, built.output
-    assert json.loads(built.stdout)["conditions"] == {"color": 120, "background": 120}
-    matches = {"color": [0, 0], "background": [0, 0]}
+    assert json.loads(built.stdout)["conditions"] == {"color": 120, "shape": 120}
+    matches = {"color": [0, 0], "shape": [0, 0]}
     for query in sorted((EXAMPLES / "images").glob("*.png"))[:10]:
-        color, background = _attributes(str(query))
-        for instruction in ("color", "background"):
+        color, shape = _attributes(str(query))
+        for instruction in ("color", "shape"):
             out = runner.invoke(app, ["query", str(query), "-i", instruction, "-k", "5", "--index", str(index), "--json"])
             hits = [_attributes(r["path"]) for r in json.loads(out.stdout)["results"]]
             matches[instruction][0] += sum(c == color for c, _ in hits)
-            matches[instruction][1] += sum(b == background for _, b in hits)
-    # Under "color" the neighbours share the colour, under "background" the background.
-    assert matches["color"][0] >= 45 and matches["background"][1] >= 45, matches
-    assert matches["color"][0] > matches["background"][0] + 15 and matches["background"][1] > matches["color"][1] + 15, matches
+            matches[instruction][1] += sum(s == shape for _, s in hits)
+    # Of the 50 neighbours, under "color" nearly all share the colour, under "shape" the shape.
+    assert matches["color"][0] >= 45 and matches["shape"][1] >= 40, matches
+    assert matches["color"][0] > matches["shape"][0] + 15 and matches["shape"][1] > matches["color"][1] + 15, matches
 
 
 def test_documented_build_command_is_bitwise_reproducible(tmp_path):
