@@ -86,6 +86,7 @@ def lancedb_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> list[
     os.environ.setdefault("LANCE_LOG", "error")  # one deprecation warning per query otherwise
     import lancedb
     import pyarrow as pa
+    from lancedb.index import IvfPq
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -96,7 +97,7 @@ def lancedb_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> list[
         write_s = time.perf_counter() - started
 
         def one(q, **opts):
-            query = table.search(q).metric("dot").limit(K).select(["pos"])
+            query = table.search(q).metric("dot").limit(K).select(["pos", "_distance"])
             for name, value in opts.items():
                 query = getattr(query, name)(value)
             return query.to_arrow()["pos"].to_numpy()
@@ -108,7 +109,8 @@ def lancedb_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> list[
         if len(x) >= 10_000:
             started = time.perf_counter()
             partitions = max(1, int(np.sqrt(len(x))))
-            table.create_index(metric="dot", index_type="IVF_PQ", num_partitions=partitions, num_sub_vectors=x.shape[1] // 8)
+            config = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=x.shape[1] // 8)
+            table.create_index("vector", config=config)
             build_s = time.perf_counter() - started
             for nprobes, refine in ((20, 1), (20, 10), (50, 10)):
                 p50, p99, found = single_query_latency(lambda q: one(q, nprobes=nprobes, refine_factor=refine), queries[:200])

@@ -43,17 +43,17 @@ def data() -> np.ndarray:
 def built(data) -> dict[str, ann.AnnIndex]:
     return {
         "flat": ann.build_index(data),
-        "hnsw": ann.build_index(data, exact_max_rows=1000),
-        "ivf": ann.build_index(data, kind="ivf"),
+        "hnsw": ann.build_index(data, kind="hnsw"),
+        "ivf": ann.build_index(data, exact_max_rows=1000),
     }
 
 
 def test_choose_kind_thresholds():
     assert ann.choose_kind(0) == "flat"
     assert ann.choose_kind(ann.EXACT_MAX_ROWS) == "flat"
-    assert ann.choose_kind(ann.EXACT_MAX_ROWS + 1) == "hnsw"
+    assert ann.choose_kind(ann.EXACT_MAX_ROWS + 1) == "ivf"
     assert ann.choose_kind(100, exact_max_rows=100) == "flat"
-    assert ann.choose_kind(101, exact_max_rows=100) == "hnsw"
+    assert ann.choose_kind(101, exact_max_rows=100) == "ivf"
 
 
 def test_build_picks_kind_from_size(built):
