@@ -121,8 +121,7 @@ def test_perfect_scorer_gets_100_and_constant_scorer_gets_no_credit(name, tmp_pa
         assert constant.metrics["mean"] < constant.metrics["chance mean"]
         assert perfect.details["gallery"] == 12  # the test split only
         return
-    scored = {k: v for k, v in perfect.metrics.items()}
-    assert scored and all(v == 100.0 for v in scored.values()), scored
+    assert perfect.metrics and all(v == 100.0 for v in perfect.metrics.values()), perfect.metrics
     assert all(v == 0.0 for v in constant.metrics.values()), constant.metrics
 
 

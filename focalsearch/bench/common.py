@@ -1,6 +1,6 @@
 """What every paper benchmark shares: the report, the scoring rules, data errors and batched encoding.
 
-Scoring rules (pinned by tests/test_bench_metrics.py):
+Scoring rules (pinned by tests/test_bench.py):
 - ranks break ties *against* the item being scored, so a constant scorer gets no credit from order;
 - a pairwise choice counts only when the right side scores strictly higher.
 """

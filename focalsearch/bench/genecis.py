@@ -112,10 +112,8 @@ def run(encoder, data: Path, *, instruction: str | None = None, limit: int | Non
     if "{condition}" not in template:
         raise BenchDataError(f"{NAME}: --instruction must contain {{condition}}, for example 'what is the {{condition}}?'")
     tasks = {task: read_task(data, task, limit) for task in TASKS}
-    if any(task.endswith("object") for task in tasks):
-        require_dir(data / "coco" / "val2017", NAME, "COCO val2017 image")
-    if any(task.endswith("attribute") for task in tasks):
-        require_dir(data / "vg" / "VG_100K_all", NAME, "Visual Genome image")
+    require_dir(data / "coco" / "val2017", NAME, "COCO val2017 image")
+    require_dir(data / "vg" / "VG_100K_all", NAME, "Visual Genome image")
     conditioned_gallery = encoder.info.encoder == "focallens"
     requests: dict[str, list] = defaultdict(list)
     for items in tasks.values():
