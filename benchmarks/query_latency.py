@@ -44,7 +44,9 @@ engine = FocalSearch(index)
 condition = engine.condition("color")
 t["open index"] = time.perf_counter() - mark
 mark = time.perf_counter()
-encoder = engine._load_encoder((condition.model, condition.encoder))
+from focalsearch.models import needed_towers
+towers = needed_towers(condition.encoder, condition.instruction, image_query=bool(image))
+encoder = engine._load_encoder((condition.model, condition.encoder), towers)
 t["load model"] = time.perf_counter() - mark
 mark = time.perf_counter()
 if image:

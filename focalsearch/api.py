@@ -83,7 +83,7 @@ class FocalSearch:
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
-        self._encoder = None
+        self._encoders: dict[str, object] = {}  # by towers loaded: "both", "text", "vision"
         self._store: Store | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -114,14 +114,17 @@ class FocalSearch:
             )
         return recorded_model, recorded_encoder
 
-    def _load_encoder(self, recorded: tuple[str, str] | None):
-        """Load the encoder (once), checking that it matches what the index was built with."""
+    def _load_encoder(self, recorded: tuple[str, str] | None, towers: str = "both"):
+        """Load the encoder (once per towers), checking that it matches what the index was built with."""
         from focalsearch.models import create_encoder
 
         model, encoder = self._check_recorded(recorded)
-        if self._encoder is None:
-            self._encoder = create_encoder(model, encoder=encoder, device=self.device, batch_size=self.batch_size)
-        return self._encoder
+        loaded = self._encoders.get("both") or self._encoders.get(towers)
+        if loaded is None:
+            loaded = self._encoders[towers] = create_encoder(
+                model, encoder=encoder, device=self.device, batch_size=self.batch_size, towers=towers
+            )
+        return loaded
 
     @contextmanager
     def _write_lock(self, store: Store) -> Iterator[None]:
@@ -162,7 +165,7 @@ class FocalSearch:
                 conditions = [store.find(i) for i in wanted]
             indexer = Indexer(
                 store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
-                max_pixels=self.max_pixels, progress=progress,
+                max_pixels=self.max_pixels, progress=progress, encoder=self._encoders.get("both"),
             )
             report = indexer.run(paths, conditions)
             for condition in conditions:
@@ -205,6 +208,7 @@ class FocalSearch:
         k: int = 10,
     ) -> SearchResult:
         """Search the condition of ``instruction`` by a query image or a query text."""
+        from focalsearch.models import needed_towers
         from focalsearch.search import load_condition_index, search_index
 
         if (image is None) == (text is None):
@@ -214,7 +218,8 @@ class FocalSearch:
         store = self._open_store()
         condition = self.condition(instruction)
         query_image = open_query_image(image, max_pixels=self.max_pixels) if image is not None else None
-        encoder = self._load_encoder((condition.model, condition.encoder))
+        towers = needed_towers(condition.encoder, condition.instruction, image_query=query_image is not None)
+        encoder = self._load_encoder((condition.model, condition.encoder), towers)
         if query_image is not None:
             vector = encoder.encode_images([query_image.image], condition.instruction)[0]
             exclude, query = str(query_image.stat.path), str(image)

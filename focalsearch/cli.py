@@ -198,6 +198,8 @@ def train(
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     warmup: Annotated[int, typer.Option(min=1)] = 100,
     caption_weight: Annotated[float, typer.Option("--caption-weight", min=0.0, help="Weight of the empty-instruction caption term (ColorShape data).")] = 0.0,
+    image_weight: Annotated[float, typer.Option("--image-weight", min=0.0, help="Weight of the image-image term: images with the same answer pull together.")] = 0.0,
+    recolor: Annotated[float, typer.Option("--recolor", min=0.0, max=1.0, help="Share of ColorShape images not asked about colour shown in a random colour.")] = 0.0,
     train_text: Annotated[bool, typer.Option("--train-text", help="Also train the text tower (frozen by default).")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
@@ -211,7 +213,7 @@ def train(
 
     def go():
         if data == "colorshape":
-            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0)
+            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0, recolor=recolor)
         else:
             triples = read_llava_json(data)
             if objective == "caption":  # each answer then serves as its image's caption
@@ -219,7 +221,7 @@ def train(
             source = LlavaSource(triples, image_root or Path(data).parent, seed=seed)
         options = TrainOptions(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-            caption_weight=caption_weight, train_text=train_text, seed=seed, save_every=save_every, device=device,
+            caption_weight=caption_weight, image_weight=image_weight, train_text=train_text, seed=seed, save_every=save_every, device=device,
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 

@@ -194,11 +194,15 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 
 
 def load_image(
-    stat_or_path: FileStat | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    stat_or_path: FileStat | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
 ) -> LoadedImage | SkippedImage:
     """Read, hash and decode one image; a bad file gives SkippedImage, never an exception.
 
-    The returned ``stat`` describes the bytes actually read (fstat of the open file).
+    The returned ``stat`` describes the bytes actually read (fstat of the open file). With
+    ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's
+    draft mode) as long as both sides stay at least ``min_side``: several times faster for a
+    photo that is only going to be shrunk to the model's input. ``width`` and ``height`` are
+    always the image's full size.
     """
     path = stat_or_path.path if isinstance(stat_or_path, FileStat) else _resolve(stat_or_path)
     read = _read(path)
@@ -214,11 +218,16 @@ def load_image(
             width, height = im.size  # from the header; no pixels decoded yet
             if width * height > max_pixels:
                 return SkippedImage(path, f"too large: {width}x{height} pixels exceeds limit {max_pixels}")
+            if min_side and im.format == "JPEG":
+                im.draft(im.mode, (min_side, min_side))
+            decoded_size = im.size
             im.load()  # first frame only for animations; raises on truncated data
             try:
                 oriented = ImageOps.exif_transpose(im)
             except Exception:  # malformed EXIF must not cost us an otherwise good image
                 oriented = im.copy()
+            if oriented.size != decoded_size:  # EXIF turned it by 90 degrees
+                width, height = height, width
     except UnidentifiedImageError:
         return SkippedImage(path, "not an image (cannot identify image file)")
     except Image.DecompressionBombError as exc:
@@ -233,12 +242,14 @@ def load_image(
         rgb = to_rgb(oriented)
     except Exception as exc:
         return SkippedImage(path, f"unsupported image mode {oriented.mode}: {_one_line(exc)}")
-    return LoadedImage(file_stat, rgb, rgb.width, rgb.height, content_hash)
+    return LoadedImage(file_stat, rgb, width, height, content_hash)
 
 
-def open_query_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def open_query_image(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> LoadedImage:
     """Like load_image, but raise InvalidImageError for anything that is not a usable image."""
-    result = load_image(path, max_pixels=max_pixels)
+    result = load_image(path, max_pixels=max_pixels, min_side=min_side)
     if isinstance(result, SkippedImage):
         raise InvalidImageError(f"cannot read query image {path}: {result.reason}")
     return result

@@ -90,7 +90,7 @@ class Indexer:
     """Brings the store's conditions up to date with the files under some paths.
 
     ``load_encoder`` is called only when some file needs encoding, so a rerun over an unchanged
-    collection never loads the model.
+    collection never loads the model. ``encoder`` may hand over one that is already loaded.
     """
 
     def __init__(
@@ -102,10 +102,11 @@ class Indexer:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = False,
+        encoder: "ConditionalEncoder | None" = None,
     ):
         self.store = store
         self.load_encoder = load_encoder
-        self._encoder: "ConditionalEncoder | None" = None
+        self._encoder: "ConditionalEncoder | None" = encoder
         self._encoder_lock = threading.Lock()
         self.batch_size = batch_size
         self.workers = workers or min(8, os.cpu_count() or 1)
@@ -178,7 +179,11 @@ class Indexer:
 
     def _decode_one(self, stat: FileStat, stale: tuple[Condition, ...]) -> _Decoded:
         started = time.perf_counter()
-        result = load_image(stat, max_pixels=self.max_pixels)
+        # A JPEG may be decoded at reduced size once the model's input size is known; the model is
+        # not loaded just for that, so that broken files alone never load it.
+        loaded_encoder = self._encoder
+        min_side = loaded_encoder.min_decode_side if loaded_encoder is not None else None
+        result = load_image(stat, max_pixels=self.max_pixels, min_side=min_side)
         pixels = self.encoder.preprocess([result.image])[0] if isinstance(result, LoadedImage) else None
         return _Decoded(stat, stale, result, pixels, time.perf_counter() - started)
 

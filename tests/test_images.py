@@ -95,6 +95,52 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     assert result.image.size == (10, 20)
 
 
+def _photo_like(width: int, height: int) -> Image.Image:
+    """Smooth content with some edges, as JPEG photos have."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 53.0)
+    g = 127 + 100 * np.cos((x + y) / 71.0)
+    b = np.where((x // 97 + y // 89) % 2 == 0, 40, 210).astype(np.float32)
+    return Image.fromarray(np.stack([r, g, b], axis=-1).clip(0, 255).astype(np.uint8))
+
+
+def test_draft_decode_keeps_min_side_and_reports_full_size(tmp_path: Path) -> None:
+    path = _save(_photo_like(1600, 1000), tmp_path / "big.jpg", quality=90)
+    full = load_image(path)
+    small = load_image(path, min_side=224)
+    assert isinstance(full, LoadedImage) and isinstance(small, LoadedImage)
+    assert small.image.size == (400, 250)  # 1/4 scale: 1/8 would give a 125 px side
+    assert (small.width, small.height) == (full.width, full.height) == (1600, 1000)
+    assert small.content_hash == full.content_hash
+    # What the model sees after shrinking to its input size barely differs.
+    target = (358, 224)
+    a = np.asarray(full.image.resize(target, Image.Resampling.BICUBIC), dtype=np.float32)
+    b = np.asarray(small.image.resize(target, Image.Resampling.BICUBIC), dtype=np.float32)
+    assert np.abs(a - b).mean() < 3.0
+
+
+def test_draft_decode_never_goes_below_min_side(tmp_path: Path) -> None:
+    path = _save(_photo_like(500, 300), tmp_path / "mid.jpg")
+    assert load_image(path, min_side=224).image.size == (500, 300)  # halving would give 150 px
+    assert load_image(path, min_side=150).image.size == (250, 150)
+
+
+def test_draft_decode_with_exif_rotation(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = _save(_photo_like(1600, 800), tmp_path / "rot.jpg", exif=exif)
+    result = load_image(path, min_side=100)
+    assert isinstance(result, LoadedImage)
+    assert result.image.size == (100, 200)
+    assert (result.width, result.height) == (800, 1600)
+
+
+def test_draft_leaves_other_formats_alone(tmp_path: Path) -> None:
+    path = _save(_photo_like(800, 600), tmp_path / "big.png")
+    result = load_image(path, min_side=64)
+    assert isinstance(result, LoadedImage) and result.image.size == (800, 600)
+
+
 def test_animated_gif_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
     path = tmp_path / "anim.gif"

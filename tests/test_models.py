@@ -49,6 +49,34 @@ def test_outputs_are_normalised_float32_and_batching_does_not_matter(tiny_focal,
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
 
 
+def test_one_tower_encoders_match_the_full_model(tiny_focal, images):
+    full = create_encoder(str(tiny_focal))
+    text_only = create_encoder(str(tiny_focal), towers="text")
+    vision_only = create_encoder(str(tiny_focal), towers="vision")
+    assert type(text_only.model).__name__ == "CLIPTextModelWithProjection"
+    assert type(vision_only.model).__name__ == "CLIPVisionModelWithProjection"
+    assert text_only.info == full.info == vision_only.info  # still recorded as the focallens encoder
+    texts = ["three apples", "a red circle"]
+    np.testing.assert_array_equal(text_only.encode_texts(texts), full.encode_texts(texts))
+    np.testing.assert_array_equal(vision_only.encode_images(images, ""), full.encode_images(images, ""))
+    with pytest.raises(RuntimeError, match="text tower only"):
+        text_only.encode_images(images, "")
+    with pytest.raises(RuntimeError, match="vision tower only"):
+        vision_only.encode_images(images, "color")  # the instruction needs the text tower
+    with pytest.raises(RuntimeError, match="vision tower only"):
+        vision_only.encode_texts(texts)
+
+
+def test_needed_towers():
+    from focalsearch.models import needed_towers
+
+    assert needed_towers("focallens", "color", image_query=False) == "text"
+    assert needed_towers("focallens", "color", image_query=True) == "both"
+    assert needed_towers("clip+text", "color", image_query=True) == "both"
+    assert needed_towers("clip", "color", image_query=True) == "vision"
+    assert needed_towers("focallens", "  ", image_query=True) == "vision"
+
+
 def test_clip_baseline_ignores_the_instruction(tiny_clip, images):
     clip = create_encoder(str(tiny_clip), encoder="clip")
     np.testing.assert_array_equal(clip.encode_images(images, "background"), clip.encode_images(images, ""))

@@ -103,6 +103,29 @@ def test_each_image_is_decoded_once_for_several_instructions(tmp_path, tiny_foca
     assert sorted(loads) == sorted(p.resolve() for p in photos.rglob("*.*"))
 
 
+def test_indexing_decodes_jpegs_at_the_size_the_model_needs(tmp_path, tiny_focal, monkeypatch):
+    import focalsearch.indexer as indexer
+
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 6, size=(400, 300))
+    sizes = []
+    real_load = indexer.load_image
+
+    def spy(stat, **kw):
+        loaded = real_load(stat, **kw)
+        sizes.append((stat.path.suffix, kw.get("min_side"), loaded.image.size, (loaded.width, loaded.height)))
+        return loaded
+
+    monkeypatch.setattr(indexer, "load_image", spy)
+    FocalSearch(tmp_path / "index", model=str(tiny_focal)).index([photos], ["color"])
+    side = 32  # the tiny model's input
+    assert {s[1] for s in sizes} == {side}
+    for suffix, _, decoded, full in sizes:
+        assert full == (400, 300)
+        # JPEG: 1/8 scale (50x38) keeps both sides >= 32; other formats decode whole.
+        assert decoded == ((50, 38) if suffix == ".jpg" else (400, 300))
+
+
 def test_a_rerun_with_nothing_to_encode_does_not_load_the_model(tmp_path, tiny_focal, monkeypatch):
     photos = tmp_path / "photos"
     make_image_folder(photos, 5)
@@ -115,3 +138,24 @@ def test_a_rerun_with_nothing_to_encode_does_not_load_the_model(tmp_path, tiny_f
     monkeypatch.setattr("focalsearch.models.encoders.ConditionalEncoder.__init__", no_model)
     report = FocalSearch(tmp_path / "index").index([photos], ["color"])
     assert (report.encoded, report.unchanged, len(report.skipped)) == (0, 5, 1)
+
+
+def test_a_query_loads_only_the_towers_it_needs(tmp_path, tiny_focal):
+    photos = tmp_path / "photos"
+    paths = make_image_folder(photos, 6)
+    FocalSearch(tmp_path / "index", model=str(tiny_focal)).index([photos], ["color", ""])
+    full = FocalSearch(tmp_path / "index")
+    full.search(image=paths[1], instruction="color", k=1)
+    assert set(full._encoders) == {"both"}
+    engine = FocalSearch(tmp_path / "index")
+    by_text = engine.search(text="a red circle", instruction="color", k=3)
+    assert set(engine._encoders) == {"text"}
+    assert by_text.results == full.search(text="a red circle", instruction="color", k=3).results
+    plain = engine.search(image=paths[0], instruction="", k=3)
+    assert set(engine._encoders) == {"text", "vision"}
+    assert plain.results == full.search(image=paths[0], instruction="", k=3).results
+    conditioned = engine.search(image=paths[0], instruction="color", k=3)
+    assert set(engine._encoders) == {"text", "vision", "both"}
+    assert conditioned.results == full.search(image=paths[0], instruction="color", k=3).results
+    engine.search(text="blue", instruction="color", k=3)
+    assert len(engine._encoders) == 3  # once both towers are loaded, nothing else is

@@ -188,3 +188,39 @@ def test_grayscale_only_where_the_answer_survives_it():
     assert not cs.visible_in_grayscale(cs.Attributes("red", "star", "one", "teal", "small"))
     plain = ColorShapeSource("instruction", 32, seed=3).batch(0, 32)
     assert all(not (np.asarray(i).max(axis=2) == np.asarray(i).min(axis=2)).all() for i in plain.images)
+
+
+def test_same_answer_image_term_pulls_same_answers_together():
+    from focalsearch.train.loop import same_answer_image_loss
+
+    labels = torch.tensor([0, 0, 1, 1, 2])  # the lone image of answer 2 has no positive and is left out
+    apart = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.05, 1.0], [-1.0, 0.0]]), dim=-1)
+    mixed = apart[[0, 2, 1, 3, 4]]
+    scale = torch.tensor(20.0)
+    assert same_answer_image_loss(apart, labels, scale) < 1e-3 < same_answer_image_loss(mixed, labels, scale)
+    assert same_answer_image_loss(apart[[0, 2, 4]], torch.tensor([0, 1, 2]), scale) == 0.0  # no pairs at all
+
+
+def test_recolored_images_never_show_a_held_out_pair():
+    from focalsearch.synth import colorshape as cs
+
+    rng = __import__("random").Random(0)
+    for scene in cs.all_attributes()[::7]:
+        for _ in range(20):
+            fill = cs.off_palette_fill(scene, rng)
+            assert (cs.nearest_color(fill), scene.shape) not in cs.HELD_OUT_PAIRS
+            assert sum((a - b) ** 2 for a, b in zip(fill, cs.BACKGROUNDS[scene.background])) >= 60.0**2
+    source = ColorShapeSource("instruction", 32, seed=3, recolor=1.0)
+    recolored = asked_colour = 0
+    for step in range(4):
+        batch = source.batch(step, 32)
+        for image, target in zip(batch.images, batch.targets):
+            pixels = np.asarray(image).reshape(-1, 1, 3).astype(float)
+            distance = np.linalg.norm(pixels - np.array(list(cs.COLORS.values()))[None], axis=2).min(axis=0)
+            if target in cs.COLORS:  # questions about colour keep the palette colour they name
+                asked_colour += 1
+                assert distance[list(cs.COLORS).index(target)] < 12
+            elif distance.min() > 12:  # no palette colour anywhere: recoloured
+                recolored += 1
+    assert recolored > 50 and asked_colour > 0
+    assert ColorShapeSource("instruction", 32, seed=3).batch(0, 8).targets == ColorShapeSource("instruction", 32, seed=3, recolor=0.0).batch(0, 8).targets

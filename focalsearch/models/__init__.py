@@ -12,6 +12,7 @@ _EXPORTS = {
     "ConditionalEncoder": "encoders",
     "EncoderInfo": "encoders",
     "create_encoder": "encoders",
+    "needed_towers": "encoders",
     "pick_device": "encoders",
     "DEFAULT_MODEL": "loading",
     "MODEL_ENV_VAR": "loading",

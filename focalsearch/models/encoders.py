@@ -12,8 +12,8 @@ from PIL import Image
 
 from focalsearch.errors import UserError
 from focalsearch.instructions import normalize_instruction
-from focalsearch.models.focallens_clip import FocalLensCLIPModel
-from focalsearch.models.loading import ModelRef, load_clip_family, resolve_model
+from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
+from focalsearch.models.loading import ModelRef, load_clip_family, load_config, resolve_model
 
 ENCODERS = ("focallens", "clip", "clip+text")
 
@@ -45,6 +45,14 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def needed_towers(encoder: str, instruction: str, *, image_query: bool) -> str:
+    """Which towers a query needs: a text query only the text tower; an image query the vision
+    tower, plus the text tower where the instruction is read (focallens, clip+text)."""
+    if not image_query:
+        return "text"
+    return "vision" if encoder == "clip" or not normalize_instruction(instruction) else "both"
+
+
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -57,11 +65,20 @@ class ConditionalEncoder:
     - ``clip``: the instruction is ignored;
     - ``clip+text``: normalised mean of the image and the instruction's text embedding.
     An empty instruction always gives the plain CLIP image embedding.
+
+    ``towers`` ("both", "text" or "vision") loads only what a caller needs (see needed_towers);
+    asking a one-tower encoder for the other tower's work is a programming error.
     """
 
-    def __init__(self, ref: ModelRef, encoder: str = "auto", device: str = "auto", batch_size: int = 32):
-        model, tokenizer, processor = load_clip_family(ref)
-        is_focallens = isinstance(model, FocalLensCLIPModel)
+    def __init__(
+        self, ref: ModelRef, encoder: str = "auto", device: str = "auto", batch_size: int = 32, towers: str = "both"
+    ):
+        model, tokenizer, processor = load_clip_family(ref, towers)
+        if towers == "both":
+            is_focallens = isinstance(model, FocalLensCLIPModel)
+        else:
+            is_focallens = isinstance(load_config(ref), FocalLensCLIPConfig)
+        self.towers = towers
         if encoder == "auto":
             encoder = "focallens" if is_focallens else "clip+text"
         if encoder not in ENCODERS:
@@ -78,16 +95,28 @@ class ConditionalEncoder:
         self.image_processor = processor
         self.batch_size = batch_size
         self.info = EncoderInfo(encoder=encoder, model=ref.model_id, dim=model.config.projection_dim)
+        text_config = model.config if towers == "text" else getattr(model.config, "text_config", None)
+        self._max_text_length = text_config.max_position_embeddings if text_config is not None else 0
         self._instruction_cache: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
         self._lock = threading.Lock()
 
     # -- inputs -------------------------------------------------------------------------------
+    @property
+    def min_decode_side(self) -> int:
+        """The smallest side an image may be decoded at without changing what preprocessing keeps."""
+        size, crop = self.image_processor.size, getattr(self.image_processor, "crop_size", None)
+        sides = [getattr(size, "shortest_edge", None), getattr(size, "height", None), getattr(size, "width", None)]
+        if crop is not None:
+            sides += [getattr(crop, "height", None), getattr(crop, "width", None)]
+        return max(s for s in sides if s)
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize, crop and normalise RGB images into a (N, 3, H, W) float32 tensor."""
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def _tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        limit = self.model.config.text_config.max_position_embeddings
+        self._require("text")
+        limit = self._max_text_length
         tokens = self.tokenizer(
             list(texts),
             padding=True,
@@ -97,8 +126,13 @@ class ConditionalEncoder:
         )
         return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
+    def _require(self, tower: str) -> None:
+        if self.towers not in ("both", tower):
+            raise RuntimeError(f"this encoder was loaded with the {self.towers} tower only; it cannot use the {tower} tower")
+
     # -- instruction features, computed once per instruction ----------------------------------
     def _instruction_features(self, instruction: str):
+        self._require("text")
         with self._lock:
             if instruction not in self._instruction_cache:
                 if self.info.encoder == "focallens":
@@ -114,16 +148,17 @@ class ConditionalEncoder:
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor, instruction: str = "") -> np.ndarray:
         """Encode a preprocessed batch under one instruction."""
+        self._require("vision")
         instruction = normalize_instruction(instruction)
         pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
         if not instruction or self.info.encoder == "clip":
-            features = _l2_normalize(self.model.get_image_features(pixel_values=pixels).pooler_output)
+            features = _l2_normalize(self._image_features(pixels))
         elif self.info.encoder == "focallens":
             tokens = self._instruction_features(instruction)
             features = _l2_normalize(self.model.conditional_image_features(pixels, tokens))
         else:
             text = self._instruction_features(instruction)
-            image = _l2_normalize(self.model.get_image_features(pixel_values=pixels).pooler_output)
+            image = _l2_normalize(self._image_features(pixels))
             features = _l2_normalize(image + text[None, :])
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -138,7 +173,14 @@ class ConditionalEncoder:
     @torch.inference_mode()
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self._tokenize(texts)
+        if self.towers == "text":
+            return _l2_normalize(self.model(**tokens).text_embeds)
         return _l2_normalize(self.model.get_text_features(**tokens).pooler_output)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.towers == "vision":
+            return self.model(pixel_values=pixels).image_embeds
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Encode texts with the text tower, in batches."""
@@ -150,7 +192,7 @@ class ConditionalEncoder:
 
 
 def create_encoder(
-    model: str | None = None, encoder: str = "auto", device: str = "auto", batch_size: int = 32
+    model: str | None = None, encoder: str = "auto", device: str = "auto", batch_size: int = 32, towers: str = "both"
 ) -> ConditionalEncoder:
     """Load a ConditionalEncoder from a hub id or local folder (None = the default model)."""
-    return ConditionalEncoder(resolve_model(model), encoder=encoder, device=device, batch_size=batch_size)
+    return ConditionalEncoder(resolve_model(model), encoder=encoder, device=device, batch_size=batch_size, towers=towers)

@@ -89,12 +89,22 @@ def load_config(ref: ModelRef, options: dict | None = None):
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
 
 
-def load_clip_family(ref: ModelRef):
-    """Load model, tokenizer and image processor; the model is a CLIPModel or FocalLensCLIPModel."""
+TOWERS = ("both", "text", "vision")
+
+
+def load_clip_family(ref: ModelRef, towers: str = "both"):
+    """Load model, tokenizer and image processor; the model is a CLIPModel or FocalLensCLIPModel.
+
+    ``towers="text"`` or ``"vision"`` loads only that tower with its projection (a
+    CLIPTextModelWithProjection or CLIPVisionModelWithProjection holding the same weights), which
+    is all a text query, or a plain image query, needs.
+    """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
 
+    if towers not in TOWERS:
+        raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
     options = _load_options(ref)
     config = load_config(ref, options)
     if isinstance(config, FocalLensCLIPConfig):
@@ -107,12 +117,38 @@ def load_clip_family(ref: ModelRef):
             "FocalSearch needs a CLIP or FocalLens-CLIP checkpoint"
         )
     try:
-        model = model_class.from_pretrained(ref.location, use_safetensors=True, **options)
+        if towers == "both":
+            model = model_class.from_pretrained(ref.location, use_safetensors=True, **options)
+        else:
+            model = _load_tower(ref, config, towers, options)
         tokenizer = AutoTokenizer.from_pretrained(ref.location, **options)
         processor = AutoImageProcessor.from_pretrained(ref.location, **options)
     except Exception as exc:
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
     return model.eval(), tokenizer, processor
+
+
+def _load_tower(ref: ModelRef, config, tower: str, options: dict):
+    """One tower of a CLIP-family checkpoint; the other tower's weights are left on disk."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    if tower == "text":
+        model_class, tower_config = CLIPTextModelWithProjection, CLIPTextConfig(**config.text_config.to_dict())
+    else:
+        model_class, tower_config = CLIPVisionModelWithProjection, CLIPVisionConfig(**config.vision_config.to_dict())
+    tower_config.projection_dim = config.projection_dim
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the other tower's weights are "unexpected" on purpose
+    try:
+        model, info = model_class.from_pretrained(
+            ref.location, config=tower_config, use_safetensors=True, output_loading_info=True, **options
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info.get("missing_keys"):
+        raise ModelLoadError(f"model {ref.model_id} lacks {tower} tower weights: {sorted(info['missing_keys'])[:3]}")
+    return model
 
 
 def _cannot_load(ref: ModelRef, exc: Exception) -> str:

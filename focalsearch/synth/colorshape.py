@@ -161,9 +161,15 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     return None  # circle
 
 
-def render(attrs: Attributes, seed: int, resolution: int = 64, supersample: int = 4) -> Image.Image:
-    """Draw a scene; the seed places the objects, so one scene has many distinct images."""
+def render(
+    attrs: Attributes, seed: int, resolution: int = 64, supersample: int = 4, fill: tuple[int, int, int] | None = None
+) -> Image.Image:
+    """Draw a scene; the seed places the objects, so one scene has many distinct images.
+
+    ``fill`` paints the objects in another colour than ``attrs.color`` (see :func:`off_palette_fill`).
+    """
     rng = random.Random(seed)
+    fill = fill or COLORS[attrs.color]
     side = resolution * supersample
     image = Image.new("RGB", (side, side), BACKGROUNDS[attrs.background])
     draw = ImageDraw.Draw(image)
@@ -177,9 +183,9 @@ def render(attrs: Attributes, seed: int, resolution: int = 64, supersample: int 
         cy = (index // 2 + 0.5) * cell + rng.uniform(-slack, slack) * 0.9
         points = _shape_points(attrs.shape, cx, cy, radius)
         if points is None:
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=COLORS[attrs.color])
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
         else:
-            draw.polygon(points, fill=COLORS[attrs.color])
+            draw.polygon(points, fill=fill)
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS) if supersample > 1 else image
 
 
@@ -190,6 +196,27 @@ def _luma(rgb: tuple[int, int, int]) -> float:
 def visible_in_grayscale(attrs: Attributes, min_contrast: float = 30.0) -> bool:
     """Whether the objects stand out from the background once the image is gray (red on teal does not)."""
     return abs(_luma(COLORS[attrs.color]) - _luma(BACKGROUNDS[attrs.background])) >= min_contrast
+
+
+def nearest_color(rgb: tuple[int, int, int]) -> str:
+    """The palette colour a colour would be named by."""
+    return min(COLORS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLORS[name], rgb)))
+
+
+def off_palette_fill(attrs: Attributes, rng: random.Random, min_distance: float = 60.0) -> tuple[int, int, int]:
+    """A random object colour for a scene whose question is not about colour.
+
+    Shape, count and size must not be learned as properties of the few colours each comes in, so
+    such scenes may show their objects in any colour, except one that would be named as a held-out
+    partner of the shape (no red-ish star is ever shown) or one too close to the background to see.
+    """
+    background = BACKGROUNDS[attrs.background]
+    while True:
+        rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        if (nearest_color(rgb), attrs.shape) in HELD_OUT_PAIRS:
+            continue
+        if math.dist(rgb, background) >= min_distance:
+            return rgb
 
 
 def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None) -> str:

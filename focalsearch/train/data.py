@@ -128,17 +128,21 @@ class ColorShapeSource:
         with_captions: bool = False,
         group: int = 4,
         grayscale: float = 0.0,
+        recolor: float = 0.0,
     ):
         if objective not in ("instruction", "caption"):
             raise ValueError(objective)
         if not 0.0 <= grayscale <= 1.0:
             raise ValueError(f"grayscale must be a probability, got {grayscale}")
+        if not 0.0 <= recolor <= 1.0:
+            raise ValueError(f"recolor must be a probability, got {recolor}")
         self.objective = objective
         self.resolution = resolution
         self.seed = seed
         self.with_captions = with_captions
         self.group = group
         self.grayscale = grayscale
+        self.recolor = recolor
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
@@ -149,7 +153,9 @@ class ColorShapeSource:
         (one shared answer: the varied attribute must not matter). With ``grayscale`` > 0, that
         share of the images asked about a colour-free attribute (shape, count, size) lose their
         colours (where the objects stay visible), so shape is also learned apart from the few
-        colours it comes in; no held-out (colour, shape) pair is ever shown.
+        colours it comes in. With ``recolor`` > 0, that share of the images asked about anything but
+        colour show their objects in a random colour (``off_palette_fill``). No held-out (colour,
+        shape) pair is ever shown.
         """
         rng = random.Random(self.seed * 1_000_003 + step)
         images, instructions, targets, captions = [], [], [], []
@@ -157,7 +163,9 @@ class ColorShapeSource:
             varied, group = cs.variants(rng, self.scenes, self.group)
             asked = varied if rng.random() < 0.5 else rng.choice([a for a in cs.ATTRIBUTES if a != varied])
             for scene in group[: size - len(images)]:
-                image = cs.render(scene, rng.getrandbits(31), self.resolution)
+                recolored = self.recolor > 0 and self.objective == "instruction" and asked != "color" and rng.random() < self.recolor
+                fill = cs.off_palette_fill(scene, rng) if recolored else None
+                image = cs.render(scene, rng.getrandbits(31), self.resolution, fill=fill)
                 if self.grayscale and self.objective == "instruction" and asked in cs.COLOR_FREE_ATTRIBUTES:
                     if rng.random() < self.grayscale and cs.visible_in_grayscale(scene):
                         image = image.convert("L").convert("RGB")

@@ -2,7 +2,9 @@
 
 - ``instruction``: InfoNCE between conditional image embeddings and the text embeddings of the
   answers; identical answers in a batch are one class; learnable temperature (CLIP's logit scale);
-  an optional caption term (empty instruction ↔ caption); text tower frozen unless asked.
+  an optional caption term (empty instruction ↔ caption); an optional image-image term (images with
+  the same answer pull together, others push apart: what conditional retrieval asks of the
+  embeddings directly); text tower frozen unless asked.
 - ``caption``: plain CLIP training on (image, caption), both towers trained.
 
 Progress is saved every ``save_every`` steps into ``OUT/checkpoint-last`` (safetensors for weights
@@ -50,6 +52,7 @@ class TrainOptions:
     beta2: float = 0.98
     warmup: int = 100
     caption_weight: float = 0.0
+    image_weight: float = 0.0
     train_text: bool = False
     seed: int = 0
     save_every: int = 200
@@ -79,6 +82,24 @@ def multi_positive_clip_loss(image: torch.Tensor, texts: torch.Tensor, labels: t
     positives = labels[None, :] == torch.arange(texts.shape[0], device=labels.device)[:, None]
     text_to_image = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
     return (image_to_text + text_to_image) / 2
+
+
+def same_answer_image_loss(image: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Supervised contrastive loss among the images of a batch: those sharing an answer are positives.
+
+    Text anchors alone leave free whatever the answer does not constrain, and that residue (the
+    other attributes) is what makes an image's nearest neighbour share the wrong attribute.
+    Images without another of their answer in the batch are left out.
+    """
+    logits = scale * image @ image.T
+    self_mask = torch.eye(len(labels), dtype=torch.bool, device=image.device)
+    log_probs = logits.masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    has_positive = positives.any(dim=1)
+    if not has_positive.any():
+        return image.sum() * 0.0
+    per_anchor = -(log_probs.masked_fill(~positives, 0.0).sum(dim=1) / positives.sum(dim=1).clamp(min=1))
+    return per_anchor[has_positive].mean()
 
 
 def _dedupe(texts: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -166,7 +187,10 @@ class _Trainer:
                 image = model.conditional_image_features(pixels, tokens, mask)
             image = F.normalize(image.float(), dim=-1)
             unique, labels = _dedupe(batch.targets)
-            loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels.to(self.device), scale)
+            labels = labels.to(self.device)
+            loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale)
+            if self.options.objective == "instruction" and self.options.image_weight > 0:
+                loss = loss + self.options.image_weight * same_answer_image_loss(image, labels, scale)
             if self.options.objective == "instruction" and self.options.caption_weight > 0 and batch.captions:
                 plain = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
                 unique, labels = _dedupe(batch.captions)

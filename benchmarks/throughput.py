@@ -1,0 +1,256 @@
+"""Indexing throughput against the physical ceilings, measured side by side in one run.
+
+    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16] [--json OUT]
+
+On a generated folder of photo-like JPEGs of 1-4 megapixels, for each model:
+(a) the stage ceilings, each stage alone:
+    - decode + preprocess only (the indexer's workers, JPEG draft mode on, and off for comparison);
+    - encoder forward passes only, on pre-decoded tensors;
+(b) `focalsearch index` end to end (FocalSearch.index, what the command runs; the model is loaded
+    before the clock starts) with 1 instruction and with 4, counting how often each image is decoded;
+(c) the cost of a conditional encoding over a plain CLIP encoding, against the ratio of their
+    token counts (image tokens + instruction tokens over image tokens).
+
+`vit-b16` is a FocalLens-CLIP of CLIP ViT-B/16's shape (224 px, 16 px patches, 12x768 vision and
+12x512 text layers) with random weights: the weights do not change the arithmetic.
+
+Goals (printed beside each measurement, and under "goals" in --json):
+- index with 1 instruction >= 0.85 x the slower stage ceiling;
+- index with 4 instructions decodes each image once and takes <= 1.1 x (decode once + 4 encodes);
+- conditional/plain cost ratio within 10 % of the token-count ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+INSTRUCTIONS = ("background", "how many objects are there?", "what color is the object?", "what shape is the object?")
+PHOTO_SIZES = ((1280, 960), (1600, 1200), (2048, 1536), (2304, 1728), (1920, 1080), (1200, 1600))  # 1.2-4.0 MP
+GOAL_ONE = 0.85
+GOAL_FOUR = 1.1
+GOAL_TOKENS = 0.10
+
+
+def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs (smooth shading, edges, sensor noise) of 1-4 MP, quality 90."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number in range(count):
+        width, height = PHOTO_SIZES[number % len(PHOTO_SIZES)]
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.int16)
+        for _ in range(6):  # a few hard-edged objects
+            x0, y0 = int(rng.integers(0, width - 100)), int(rng.integers(0, height - 100))
+            x1, y1 = x0 + int(rng.integers(50, width // 3)), y0 + int(rng.integers(50, height // 3))
+            pixels[y0:y1, x0:x1] = rng.integers(0, 256, 3)
+        pixels += rng.integers(-12, 13, pixels.shape, dtype=np.int16)
+        path = folder / f"photo-{number:05d}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def vit_b16_checkpoint(out: Path) -> Path:
+    """A randomly initialised FocalLens-CLIP with CLIP ViT-B/16's shape."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from focalsearch.models.init_checkpoint import focallens_from_clip
+    from focalsearch.models.saving import write_checkpoint
+    from focalsearch.models.tiny import build_clip_tokenizer
+
+    words = " ".join(INSTRUCTIONS) + " a photo of red green blue dog cat car tree sky one two three four"
+    tokenizer = build_clip_tokenizer([words] * 10, vocab_size=600)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16),
+        projection_dim=512,
+    )
+    torch.manual_seed(0)
+    model = focallens_from_clip(CLIPModel(config))
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    write_checkpoint(out, model, tokenizer, processor)
+    return out
+
+
+def decode_ceiling(encoder, paths: list[Path], workers: int, draft: bool) -> float:
+    """Images/s of read + decode + preprocess alone, in the indexer's worker threads."""
+    from focalsearch.images import LoadedImage, load_image
+
+    min_side = encoder.min_decode_side if draft else None
+
+    def one(path: Path):
+        loaded = load_image(path, min_side=min_side)
+        assert isinstance(loaded, LoadedImage), loaded
+        return encoder.preprocess([loaded.image])[0]
+
+    with ThreadPoolExecutor(workers) as pool:
+        started = time.perf_counter()
+        for _ in pool.map(one, paths):
+            pass
+        return len(paths) / (time.perf_counter() - started)
+
+
+def encode_rate(encoder, pixels, instruction: str, batch_size: int, repeats: int = 3) -> float:
+    """Images/s of the encoder's forward passes alone on pre-decoded tensors (best of ``repeats``)."""
+    encoder.encode_pixels(pixels[:batch_size], instruction)  # warm up (and cache the instruction)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for lo in range(0, len(pixels), batch_size):
+            encoder.encode_pixels(pixels[lo : lo + batch_size], instruction)
+        best = min(best, time.perf_counter() - started)
+    return len(pixels) / best
+
+
+def token_ratio(encoder, instruction: str) -> tuple[int, int]:
+    """(image tokens, instruction tokens) that a conditional encoding attends over."""
+    vision = encoder.model.config.vision_config
+    image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return image_tokens, int(encoder._instruction_features(instruction).shape[1])
+
+
+def index_run(model: str, folder: Path, instructions, batch_size: int, workers: int, encoder) -> dict:
+    """FocalSearch.index on a fresh index with the encoder already loaded; counts decodes per file."""
+    import focalsearch.indexer as indexer_module
+    from focalsearch.api import FocalSearch
+
+    decodes: dict[str, int] = {}
+    original = indexer_module.load_image
+
+    def counting(stat, **kwargs):
+        decodes[str(stat.path)] = decodes.get(str(stat.path), 0) + 1
+        return original(stat, **kwargs)
+
+    with tempfile.TemporaryDirectory() as index_dir:
+        search = FocalSearch(index_dir, model, batch_size=batch_size, workers=workers)
+        search._encoders["both"] = encoder  # measure indexing, not model loading
+        indexer_module.load_image = counting
+        try:
+            report = search.index([folder], list(instructions))
+        finally:
+            indexer_module.load_image = original
+    return {"images": report.encoded, "seconds": report.seconds, "images_per_s": report.encoded / report.seconds,
+            "max_decodes_per_image": max(decodes.values()), "timings": report.timings}
+
+
+def measure_model(name: str, location: str, paths: list[Path], folder: Path, args) -> dict:
+    import torch
+
+    from focalsearch.models import create_encoder
+
+    encoder = create_encoder(location, device=args.device, batch_size=args.batch_size)
+    workers = args.workers or min(8, os.cpu_count() or 1)
+    count = len(paths)
+    print(f"\n== {name}: {encoder.info.model} on {encoder.device}, {count} JPEGs, {workers} decode workers, "
+          f"{torch.get_num_threads()} torch threads", flush=True)
+    decode_plain = decode_ceiling(encoder, paths, workers, draft=False)
+    decode = decode_ceiling(encoder, paths, workers, draft=True)
+    print(f"decode+preprocess: {decode_plain:8.1f} img/s full decode | {decode:8.1f} img/s draft mode "
+          f"(x{decode / decode_plain:.2f})", flush=True)
+
+    from focalsearch.images import load_image
+
+    pixels = torch.stack([encoder.preprocess([load_image(p, min_side=encoder.min_decode_side).image])[0] for p in paths])
+    instruction = INSTRUCTIONS[1]
+    conditional = encode_rate(encoder, pixels, instruction, args.batch_size)
+    plain = encode_rate(encoder, pixels, "", args.batch_size)
+    encode_all = {i: (conditional if i == instruction else encode_rate(encoder, pixels, i, args.batch_size, repeats=1))
+                  for i in INSTRUCTIONS[: args.conditions]}
+    print(f"encode only:       {conditional:8.1f} img/s conditional ({instruction!r}) | {plain:8.1f} img/s plain", flush=True)
+    image_tokens, instruction_tokens = token_ratio(encoder, instruction)
+    cost_ratio, tokens = plain / conditional, (image_tokens + instruction_tokens) / image_tokens
+
+    one = index_run(location, folder, INSTRUCTIONS[:1], args.batch_size, workers, encoder)
+    four = index_run(location, folder, INSTRUCTIONS[: args.conditions], args.batch_size, workers, encoder)
+    ceiling_one = min(decode, encode_all[INSTRUCTIONS[0]])
+    bound_four = count / decode + sum(count / rate for rate in encode_all.values())
+    print(f"index, 1 instruction:  {one['images_per_s']:8.1f} img/s = {one['images_per_s'] / ceiling_one:.2f} x the slower "
+          f"ceiling ({ceiling_one:.1f} img/s)   goal >= {GOAL_ONE}", flush=True)
+    print(f"index, {args.conditions} instructions: {four['seconds']:8.2f} s = {four['seconds'] / bound_four:.2f} x (decode once "
+          f"+ {args.conditions} encodes = {bound_four:.2f} s); decodes per image: {four['max_decodes_per_image']}   "
+          f"goal <= {GOAL_FOUR}, 1 decode", flush=True)
+    print(f"conditional / plain cost: {cost_ratio:.3f} vs token ratio ({image_tokens}+{instruction_tokens})/{image_tokens} "
+          f"= {tokens:.3f}: off by {abs(cost_ratio / tokens - 1) * 100:.1f} %   goal <= {GOAL_TOKENS * 100:.0f} %", flush=True)
+    goals = {
+        f"{name}: index 1 instruction / slower ceiling": {
+            "measured": one["images_per_s"] / ceiling_one, "target": GOAL_ONE, "holds": one["images_per_s"] >= GOAL_ONE * ceiling_one},
+        f"{name}: index {args.conditions} instructions / (decode once + {args.conditions} encodes)": {
+            "measured": four["seconds"] / bound_four, "target": GOAL_FOUR,
+            "holds": four["seconds"] <= GOAL_FOUR * bound_four and four["max_decodes_per_image"] == 1},
+        f"{name}: |conditional cost / token ratio - 1|": {
+            "measured": abs(cost_ratio / tokens - 1), "target": GOAL_TOKENS, "holds": abs(cost_ratio / tokens - 1) <= GOAL_TOKENS},
+    }
+    return {
+        "model": encoder.info.model, "device": str(encoder.device), "images": count, "workers": workers,
+        "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "decode_full_img_s": decode_plain, "decode_draft_img_s": decode,
+        "encode_conditional_img_s": conditional, "encode_plain_img_s": plain,
+        "encode_per_instruction_img_s": encode_all,
+        "index_1": one, f"index_{args.conditions}": four, "bound_4_s": bound_four,
+        "cost_ratio": cost_ratio, "token_ratio": tokens, "image_tokens": image_tokens, "instruction_tokens": instruction_tokens,
+        "goals": goals,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=240, help="JPEGs in the generated folder")
+    parser.add_argument("--models", default="demo,vit-b16", help="comma-separated: demo, vit-b16, or checkpoint folders/hub ids")
+    parser.add_argument("--vit-images", type=int, default=96, help="JPEGs for vit-b16 (its encoder is ~100x slower)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="decode threads (default: the indexer's)")
+    parser.add_argument("--conditions", type=int, default=4, choices=range(2, 5))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="focalsearch-throughput-"))
+    try:
+        started = time.perf_counter()
+        folder = scratch / "photos"
+        paths = make_photos(folder, args.images)
+        megapixels = statistics.mean(Image.open(p).size[0] * Image.open(p).size[1] for p in paths) / 1e6
+        size_mb = sum(p.stat().st_size for p in paths) / len(paths) / 2**20
+        print(f"made {len(paths)} JPEGs ({megapixels:.1f} MP, {size_mb:.2f} MB each on average) in {time.perf_counter() - started:.0f} s")
+        results = {}
+        for name in args.models.split(","):
+            location = name
+            model_paths, model_folder = paths, folder
+            if name == "vit-b16":
+                location = str(vit_b16_checkpoint(scratch / "vit-b16"))
+                model_folder = scratch / "photos-vit"
+                model_folder.mkdir()
+                model_paths = [shutil.copy(p, model_folder / p.name) and model_folder / p.name for p in paths[: args.vit_images]]
+            results[name] = measure_model(name, location, model_paths, model_folder, args)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    goals = {k: v for r in results.values() for k, v in r.pop("goals").items()}
+    print("\ngoals:")
+    for name, goal in goals.items():
+        print(f"  {'holds ' if goal['holds'] else 'MISSES'} {name}: {goal['measured']:.3f} (target {goal['target']})")
+    if args.json:
+        payload = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                   "python": sys.version.split()[0]}, "results": results, "goals": goals}
+        args.json.write_text(json.dumps(payload, indent=2, default=float))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
