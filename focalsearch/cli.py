@@ -200,6 +200,7 @@ def train(
     caption_weight: Annotated[float, typer.Option("--caption-weight", min=0.0, help="Weight of the empty-instruction caption term (ColorShape data).")] = 0.0,
     image_weight: Annotated[float, typer.Option("--image-weight", min=0.0, help="Weight of the image-image term: images with the same answer pull together.")] = 0.0,
     recolor: Annotated[float, typer.Option("--recolor", min=0.0, max=1.0, help="Share of ColorShape images not asked about colour shown in a random colour.")] = 0.0,
+    phrasing_noise: Annotated[float, typer.Option("--phrasing-noise", min=0.0, max=1.0, help="Share of ColorShape instructions with filler words dropped and inserted.")] = 0.0,
     train_text: Annotated[bool, typer.Option("--train-text", help="Also train the text tower (frozen by default).")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
@@ -213,7 +214,8 @@ def train(
 
     def go():
         if data == "colorshape":
-            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0, recolor=recolor)
+            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0, recolor=recolor,
+                                      phrasing_noise=phrasing_noise)
         else:
             triples = read_llava_json(data)
             if objective == "caption":  # each answer then serves as its image's caption

@@ -6,8 +6,11 @@
 2. `demo-clip`: that CLIP trained on (image, caption) pairs of the ColorShape training split;
 3. `demo`: demo-clip turned into FocalLens-CLIP and instruction-tuned on (image, instruction, answer),
    text tower included: the small caption-trained text tower does not tell shape and count words apart.
-   Half of the questions about shape, count and size show the image in gray, so that shape is not
-   learned as a property of the few colours each shape comes in (see ColorShapeSource).
+   Half of the questions not about colour show the objects in a random colour (never one named as a
+   held-out partner of the shape), so that shape is not learned as a property of the few colours
+   each shape comes in; half of the instructions lose and gain filler words, so that the attribute
+   word decides the condition, not the sentence frame; and images with the same answer are pulled
+   together (see ColorShapeSource and same_answer_image_loss).
 """
 
 from __future__ import annotations
@@ -35,12 +38,16 @@ def main() -> None:
     parser.add_argument("--caption-steps", type=int, default=600)
     parser.add_argument("--instruction-steps", type=int, default=3500)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--grayscale", type=float, default=0.5, help="share of colour-free questions shown in gray")
+    parser.add_argument("--grayscale", type=float, default=0.0, help="share of colour-free questions shown in gray")
+    parser.add_argument("--recolor", type=float, default=0.5, help="share of questions not about colour shown in a random colour")
+    parser.add_argument("--image-weight", type=float, default=0.5, help="weight of the same-answer image-image term")
+    parser.add_argument("--phrasing-noise", type=float, default=0.5, help="share of instructions with filler words dropped/inserted")
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
     captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1)
-    instructions = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 2, grayscale=args.grayscale)
+    instructions = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 2,
+                                     grayscale=args.grayscale, recolor=args.recolor, phrasing_noise=args.phrasing_noise)
     with tempfile.TemporaryDirectory() as scratch:
         init = save_tiny_clip(Path(scratch) / "init", captions.texts(), seed=args.seed, vocab_size=1000, **ARCHITECTURE)
         for name in ("demo-clip", "demo"):
@@ -50,7 +57,7 @@ def main() -> None:
                            warmup=200, seed=args.seed, device="cpu"))
         train(str(args.out / "demo-clip"), args.out / "demo", instructions,
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
-                           warmup=200, seed=args.seed, device="cpu", train_text=True))
+                           warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight))
     print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
 
 

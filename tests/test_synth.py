@@ -86,3 +86,23 @@ def test_recall_at_1_bookkeeping_perfect_and_constant_scorers():
     assert recall_at_1(items, oracle, resolution=16).mean == 1.0
     constant = recall_at_1(items, lambda images, _: np.ones((len(images), 2), np.float32), resolution=16)
     assert constant.mean == 0.0 and set(constant.per_condition) == set(cs.ATTRIBUTES)
+
+
+def test_noisy_phrasings_keep_the_attribute_words_and_never_hit_a_held_out_phrasing():
+    import random
+
+    rng = random.Random(0)
+    held_out = {tuple(cs._words(p)) for table in (cs.HELDOUT_PHRASINGS, cs.HELDOUT_SYNONYMS) for g in table.values() for p in g}
+    fillers = set(cs._filler_words())
+    assert not fillers & cs.INSTRUCTION_KEYWORDS and "hue" not in fillers and "red" not in fillers
+    changed = 0
+    for attribute, phrasings in cs.TRAIN_PHRASINGS.items():
+        for phrasing in phrasings:
+            for _ in range(200):
+                noisy = cs.noisy_instruction(phrasing, rng)
+                words = cs._words(noisy)
+                assert tuple(words) not in held_out
+                assert [w for w in words if w in cs.INSTRUCTION_KEYWORDS] == [w for w in cs._words(phrasing) if w in cs.INSTRUCTION_KEYWORDS]
+                assert set(words) <= set(cs._words(phrasing)) | fillers
+                changed += noisy != phrasing
+    assert changed > 2000

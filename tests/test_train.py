@@ -153,6 +153,14 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
         "--image-root", str(llava.parent / "img"), "--steps", "2", "--batch-size", "4", "--warmup", "1", "--device", "cpu",
     ])
     assert long_answers.exit_code == 0, long_answers.output
+    generated = runner.invoke(app, [
+        "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model4"), "--data", "colorshape", "--resolution", "32",
+        "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
+        "--image-weight", "0.5", "--recolor", "0.5", "--phrasing-noise", "0.5",
+    ])
+    assert generated.exit_code == 0, generated.output
+    log = json.loads((tmp_path / "model4" / "training_log.json").read_text())
+    assert log["options"]["image_weight"] == 0.5
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot read training data")
 

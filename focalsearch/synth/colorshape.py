@@ -257,6 +257,36 @@ def _words(text: str) -> list[str]:
     return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
 
 
+# Words that name what a question asks about; everything else in a phrasing is filler.
+INSTRUCTION_KEYWORDS = frozenset(
+    {"color", "shape", "kind", "count", "many", "number", "quantity", "background", "behind", "size", "big"}
+)
+_SYNONYM_WORDS = frozenset({"hue", "form", "forms", "backdrop", "scale", "large"})
+
+
+def _filler_words() -> tuple[str, ...]:
+    values = {w for vs in VALUES.values() for v in vs for w in _words(v) + _words(v + "s")}
+    return tuple(sorted(caption_vocabulary() - values - INSTRUCTION_KEYWORDS - _SYNONYM_WORDS))
+
+
+def noisy_instruction(text: str, rng: random.Random, drop: float = 0.3, max_inserted: int = 2) -> str:
+    """A training phrasing with some filler words dropped and some caption words inserted.
+
+    Teaches that only the words naming the attribute matter, not a phrasing's sentence frame (in
+    the training phrasings "do ... have" only ever asks about shape). The result is never one of the
+    held-out phrasings, which stay unseen.
+    """
+    words = _words(text)
+    fillers = _filler_words()
+    held_out = {tuple(_words(p)) for table in (HELDOUT_PHRASINGS, HELDOUT_SYNONYMS) for group in table.values() for p in group}
+    while True:
+        kept = [w for w in words if w in INSTRUCTION_KEYWORDS or rng.random() >= drop] or words
+        for _ in range(rng.randint(0, max_inserted)):
+            kept.insert(rng.randint(0, len(kept)), rng.choice(fillers))
+        if tuple(kept) not in held_out:
+            return " ".join(kept) + ("?" if text.endswith("?") else "")
+
+
 def instruction(attribute: str, rng: random.Random, phrasing: str = "train") -> str:
     """A phrasing of the question about ``attribute`` from the 'train', 'heldout' or 'synonyms' set."""
     return rng.choice(PHRASINGS[phrasing][attribute])

@@ -129,6 +129,7 @@ class ColorShapeSource:
         group: int = 4,
         grayscale: float = 0.0,
         recolor: float = 0.0,
+        phrasing_noise: float = 0.0,
     ):
         if objective not in ("instruction", "caption"):
             raise ValueError(objective)
@@ -136,6 +137,8 @@ class ColorShapeSource:
             raise ValueError(f"grayscale must be a probability, got {grayscale}")
         if not 0.0 <= recolor <= 1.0:
             raise ValueError(f"recolor must be a probability, got {recolor}")
+        if not 0.0 <= phrasing_noise <= 1.0:
+            raise ValueError(f"phrasing_noise must be a probability, got {phrasing_noise}")
         self.objective = objective
         self.resolution = resolution
         self.seed = seed
@@ -143,6 +146,7 @@ class ColorShapeSource:
         self.group = group
         self.grayscale = grayscale
         self.recolor = recolor
+        self.phrasing_noise = phrasing_noise
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
@@ -155,7 +159,8 @@ class ColorShapeSource:
         colours (where the objects stay visible), so shape is also learned apart from the few
         colours it comes in. With ``recolor`` > 0, that share of the images asked about anything but
         colour show their objects in a random colour (``off_palette_fill``). No held-out (colour,
-        shape) pair is ever shown.
+        shape) pair is ever shown. With ``phrasing_noise`` > 0, that share of the instructions lose
+        some filler words and gain others (``cs.noisy_instruction``).
         """
         rng = random.Random(self.seed * 1_000_003 + step)
         images, instructions, targets, captions = [], [], [], []
@@ -175,7 +180,10 @@ class ColorShapeSource:
                     instructions.append("")
                     targets.append(captions[-1])
                 else:
-                    instructions.append(cs.instruction(asked, rng, "train"))
+                    text = cs.instruction(asked, rng, "train")
+                    if self.phrasing_noise > 0 and rng.random() < self.phrasing_noise:
+                        text = cs.noisy_instruction(text, rng)
+                    instructions.append(text)
                     targets.append(scene.get(asked))
         return TrainingBatch(images, instructions, targets, captions if self.with_captions else None)
 
