@@ -6,6 +6,7 @@ committed per condition, so an interrupted run loses at most one uncommitted bat
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -187,18 +188,30 @@ class Indexer:
         pixels = self.encoder.preprocess([result.image])[0] if isinstance(result, LoadedImage) else None
         return _Decoded(stat, stale, result, pixels, time.perf_counter() - started)
 
+    def _encodes_on_cpu(self) -> bool:
+        encoder = self._encoder
+        return encoder is None or encoder.device.type == "cpu"
+
     def _decode(self, todo: Sequence[tuple[FileStat, tuple[Condition, ...]]]) -> Iterator[_Decoded]:
-        """Decode in order with a bounded number of images in flight, so memory stays flat."""
+        """Decode in order with a bounded number of images in flight, so memory stays flat.
+
+        With the encoder on a GPU, decoding runs ahead while the GPU encodes. With the encoder on
+        the CPU, both stages need the same cores, and decode threads running beside torch's threads
+        slow encoding down by more than they gain (measured: benchmarks/throughput.py), so there a
+        batch is decoded by all workers at once, and the next one only after it has been taken.
+        """
         in_flight = max(2 * self.batch_size, 4 * self.workers)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="focalsearch-decode")
         pending: deque[Future[_Decoded]] = deque()
         items = iter(todo)
         try:
-            for stat, stale in items:
-                pending.append(pool.submit(self._decode_one, stat, stale))
-                if len(pending) >= in_flight:
-                    yield pending.popleft().result()
-            while pending:
+            while True:
+                if not pending or not self._encodes_on_cpu():
+                    wanted = self.batch_size if self._encodes_on_cpu() else in_flight
+                    for stat, stale in itertools.islice(items, max(0, wanted - len(pending))):
+                        pending.append(pool.submit(self._decode_one, stat, stale))
+                if not pending:
+                    return
                 yield pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
