@@ -245,11 +245,9 @@ def load_image(
     return LoadedImage(file_stat, rgb, width, height, content_hash)
 
 
-def open_query_image(
-    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
-) -> LoadedImage:
+def open_query_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Like load_image, but raise InvalidImageError for anything that is not a usable image."""
-    result = load_image(path, max_pixels=max_pixels, min_side=min_side)
+    result = load_image(path, max_pixels=max_pixels)
     if isinstance(result, SkippedImage):
         raise InvalidImageError(f"cannot read query image {path}: {result.reason}")
     return result

@@ -206,8 +206,9 @@ class Indexer:
         items = iter(todo)
         try:
             while True:
-                if not pending or not self._encodes_on_cpu():
-                    wanted = self.batch_size if self._encodes_on_cpu() else in_flight
+                on_cpu = self._encodes_on_cpu()
+                if not pending or not on_cpu:
+                    wanted = self.batch_size if on_cpu else in_flight
                     for stat, stale in itertools.islice(items, max(0, wanted - len(pending))):
                         pending.append(pool.submit(self._decode_one, stat, stale))
                 if not pending:
