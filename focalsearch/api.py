@@ -71,11 +71,14 @@ class FocalSearch:
         batch_size: int = 32,
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        commit_seconds: float = 5.0,
     ):
         if encoder not in _ENCODER_NAMES:
             raise UserError(f"unknown encoder {encoder!r}; use one of: {', '.join(_ENCODER_NAMES)}")
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
+        if commit_seconds < 0:
+            raise UserError("--commit-every must be 0 or more seconds")
         self.index_dir = Path(index_dir).expanduser()
         self.model = model
         self.encoder_name = encoder
@@ -83,6 +86,7 @@ class FocalSearch:
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
+        self.commit_seconds = commit_seconds
         self._encoders: dict[str, object] = {}  # by towers loaded: "both", "text", "vision"
         self._store: Store | None = None
 
@@ -166,6 +170,7 @@ class FocalSearch:
             indexer = Indexer(
                 store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
                 max_pixels=self.max_pixels, progress=progress, encoder=self._encoders.get("both"),
+                commit_seconds=self.commit_seconds,
             )
             report = indexer.run(paths, conditions)
             for condition in conditions:

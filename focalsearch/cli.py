@@ -77,7 +77,10 @@ def index(
     index_dir: IndexDir = DEFAULT_INDEX,
     model: ModelOpt = None,
     encoder: Annotated[str, typer.Option("--encoder", help="auto, focallens, clip or clip+text.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder batch and per commit.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder batch.")] = 32,
+    commit_every: Annotated[
+        float, typer.Option("--commit-every", min=0, help="Seconds between commits: the most work a killed run can lose. 0: every batch.")
+    ] = 5.0,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decode threads.")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip images with more pixels (decompression-bomb limit).")] = 178_956_970,
     device: DeviceOpt = "auto",
@@ -88,7 +91,8 @@ def index(
 
     _quiet_libraries()
     engine = FocalSearch(
-        index_dir, model, encoder=encoder, device=device, batch_size=batch_size, workers=workers, max_pixels=max_pixels
+        index_dir, model, encoder=encoder, device=device, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+        commit_seconds=commit_every,
     )
     report = _run(lambda: engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty()))
     if as_json:

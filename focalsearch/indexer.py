@@ -1,11 +1,14 @@
 """The indexing pipeline: scan, diff against the store, decode, encode, write (design §1, §3).
 
-Decoding runs in worker threads (PIL releases the GIL), encoding is batched, and each batch is
-committed per condition, so an interrupted run loses at most one uncommitted batch.
+Decoding runs in worker threads (PIL releases the GIL) and encoding is batched. Encoded rows are
+committed per condition every ``commit_seconds`` (and when the run ends or is interrupted), so a
+killed run loses at most that much work, and a long run does not pile up thousands of table
+versions and fragments, each of which makes the next commit and every later read slower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -20,10 +23,12 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from focalsearch.errors import StorageError
 from focalsearch.images import DEFAULT_MAX_PIXELS, FileStat, LoadedImage, SkippedImage, load_image, scan_images
 from focalsearch.store import Condition, FileRecord, Store, row_id
 
 if TYPE_CHECKING:  # torch is imported only once something needs encoding
+    import numpy as np
     import torch
 
     from focalsearch.models import ConditionalEncoder
@@ -87,11 +92,40 @@ class _Batch:
         return len(self.records)
 
 
+_MAX_PENDING_ROWS = 8192  # a fast GPU may encode this many in seconds; bounds what waits in memory
+
+
+class _Writes:
+    """Encoded rows of one condition waiting for the next commit."""
+
+    def __init__(self) -> None:
+        self.new: list[tuple[FileRecord, "np.ndarray"]] = []
+        self.replaced: list[tuple[FileRecord, "np.ndarray"]] = []
+        self.since: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.new) + len(self.replaced)
+
+    def put(self, record: FileRecord, vector: "np.ndarray", *, new: bool) -> None:
+        (self.new if new else self.replaced).append((record, vector))
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def commit(self, store: Store, condition: Condition) -> None:
+        import numpy as np
+
+        for rows, write in ((self.new, store.add), (self.replaced, store.upsert)):
+            if rows:
+                write(condition, [r for r, _ in rows], np.stack([v for _, v in rows]))
+        self.new, self.replaced, self.since = [], [], None
+
+
 class Indexer:
     """Brings the store's conditions up to date with the files under some paths.
 
     ``load_encoder`` is called only when some file needs encoding, so a rerun over an unchanged
     collection never loads the model. ``encoder`` may hand over one that is already loaded.
+    ``commit_seconds`` bounds the work an interruption can lose; 0 commits every batch.
     """
 
     def __init__(
@@ -104,6 +138,7 @@ class Indexer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = False,
         encoder: "ConditionalEncoder | None" = None,
+        commit_seconds: float = 5.0,
     ):
         self.store = store
         self.load_encoder = load_encoder
@@ -113,6 +148,7 @@ class Indexer:
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.max_pixels = max_pixels
         self.progress = progress
+        self.commit_seconds = commit_seconds
 
     def run(self, paths: Sequence[str | Path], conditions: Sequence[Condition]) -> IndexReport:
         if not conditions:
@@ -136,6 +172,7 @@ class Indexer:
 
         batch = _Batch()
         touched: dict[str, list[FileRecord]] = {c.table: [] for c in conditions}
+        writes = {c.table: _Writes() for c in conditions}
         completed = False
         try:
             with tqdm(total=len(todo), unit="img", disable=not self.progress, desc="indexing") as bar:
@@ -144,12 +181,19 @@ class Indexer:
                     report.timings["decode"] += item.seconds
                     self._route(item, records, batch, touched, report)
                     if len(batch) >= self.batch_size:
-                        self._flush(batch, report)
+                        self._encode(batch, records, writes, report)
                         batch = _Batch()
+                        self._commit(conditions, writes, report, force=False)
                     self._flush_touched(conditions, touched, force=False)
-                self._flush(batch, report)
+                self._encode(batch, records, writes, report)
+                self._commit(conditions, writes, report, force=True)
                 self._flush_touched(conditions, touched, force=True)
             completed = True
+        except BaseException as exc:
+            if not isinstance(exc, StorageError):  # keep what was encoded before an interruption
+                with contextlib.suppress(Exception):  # the error being raised is the one to report
+                    self._commit(conditions, writes, report, force=True)
+            raise
         finally:
             # Record what was committed, also when interrupted; compaction can wait for a full run.
             for condition in conditions:
@@ -252,7 +296,7 @@ class Indexer:
         else:
             report.unchanged += 1
 
-    def _flush(self, batch: _Batch, report: IndexReport) -> None:
+    def _encode(self, batch: _Batch, records, writes: dict[str, _Writes], report: IndexReport) -> None:
         if not len(batch):
             return
         import torch
@@ -264,9 +308,19 @@ class Indexer:
             started = time.perf_counter()
             vectors = self.encoder.encode_pixels(pixels[rows], condition.instruction)
             report.timings["encode"] += time.perf_counter() - started
-            started = time.perf_counter()
-            self.store.upsert(condition, [batch.records[i] for i in rows], vectors)
-            report.timings["write"] += time.perf_counter() - started
+            known = records[condition.table]
+            for i, vector in zip(rows, vectors):
+                writes[condition.table].put(batch.records[i], vector, new=batch.records[i].path not in known)
+
+    def _commit(self, conditions, writes: dict[str, _Writes], report: IndexReport, *, force: bool) -> None:
+        for condition in conditions:
+            pending = writes[condition.table]
+            if not pending:
+                continue
+            if force or len(pending) >= _MAX_PENDING_ROWS or time.monotonic() - pending.since >= self.commit_seconds:
+                started = time.perf_counter()
+                pending.commit(self.store, condition)
+                report.timings["write"] += time.perf_counter() - started
 
     def _flush_touched(self, conditions, touched, *, force: bool) -> None:
         for condition in conditions:

@@ -35,6 +35,12 @@ _CATALOG_SCHEMA = pa.schema(
 )
 FILE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height")
 
+# LanceDB's default caches keep the metadata of every table version a process has seen, so the
+# memory of a long indexing run grew with each commit (benchmarks/memory.py). Bounded caches keep it
+# flat; the reads they serve here touch a few manifests at a time.
+METADATA_CACHE_BYTES = 64 << 20
+INDEX_CACHE_BYTES = 64 << 20
+
 
 def row_schema(dim: int) -> pa.Schema:
     """Schema of a condition table with vectors of ``dim`` float32."""
@@ -116,7 +122,8 @@ class Store:
                 self.root.mkdir(parents=True)
             except OSError as exc:
                 raise _storage_error(exc, self.root) from exc
-        self.db = lancedb.connect(str(self.root / "lancedb"))
+        session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
+        self.db = lancedb.connect(str(self.root / "lancedb"), session=session)
 
     # -- catalog --------------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
@@ -187,14 +194,29 @@ class Store:
         table = self._scan(condition, list(FILE_COLUMNS))
         return {row["path"]: FileRecord(**row) for row in table.to_pylist()}
 
+    def _rows(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> pa.Table:
+        columns = {name: [getattr(r, name) for r in records] for name in FILE_COLUMNS}
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, condition.dim)
+        return pa.Table.from_pydict(columns, schema=row_schema(condition.dim))
+
+    def add(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
+        """Append rows whose ids are known not to be in the table, in one commit.
+
+        Unlike upsert this does not join against the whole table, so its cost does not grow with it.
+        """
+        if not records:
+            return
+        try:
+            self._table(condition).add(self._rows(condition, records, vectors))
+        except OSError as exc:
+            raise _storage_error(exc, self.root) from exc
+
     def upsert(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Insert or replace rows by id in one commit."""
         if not records:
             return
-        columns = {name: [getattr(r, name) for r in records] for name in FILE_COLUMNS}
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
-        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, condition.dim)
-        data = pa.Table.from_pydict(columns, schema=row_schema(condition.dim))
+        data = self._rows(condition, records, vectors)
         try:
             self._table(condition).merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
         except OSError as exc:

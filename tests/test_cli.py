@@ -210,7 +210,7 @@ def test_a_file_that_turns_corrupt_leaves_the_index(tmp_path, tiny_focal):
 
 def _index_subprocess(photos: Path, index: Path, model: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "focalsearch.cli", "index", str(photos), "-i", "background", "-i", "quantity",
-               "--index", str(index), "--model", str(model), "--batch-size", "1", "--workers", "1", "--json"]
+               "--index", str(index), "--model", str(model), "--batch-size", "1", "--workers", "1", "--commit-every", "0.2", "--json"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -75,8 +75,57 @@ def test_full_disk_is_one_clear_storage_error(tmp_path, tiny_focal, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("lancedb.table.LanceTable.merge_insert", no_space)
+    monkeypatch.setattr("lancedb.table.LanceTable.add", no_space)
     with pytest.raises(StorageError, match="no space left.*committed rows are kept"):
         engine.index([photos], ["color"])
+
+
+def _count_commits(monkeypatch) -> list[int]:
+    rows_per_commit: list[int] = []
+    for name in ("add", "upsert"):
+        real = getattr(Store, name)
+
+        def counting(self, condition, records, vectors, _real=real):
+            rows_per_commit.append(len(records))
+            return _real(self, condition, records, vectors)
+
+        monkeypatch.setattr(Store, name, counting)
+    return rows_per_commit
+
+
+def test_rows_are_committed_by_time_not_by_batch(tmp_path, tiny_focal, monkeypatch):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 12)
+    commits = _count_commits(monkeypatch)
+    FocalSearch(tmp_path / "every", model=str(tiny_focal), batch_size=4, commit_seconds=0).index([photos], ["color"])
+    assert commits == [4, 4, 4]
+    commits.clear()
+    report = FocalSearch(tmp_path / "timed", model=str(tiny_focal), batch_size=4, commit_seconds=3600).index([photos], ["color"])
+    assert commits == [12] and report.conditions == {"color": 12}
+
+
+def test_an_interrupt_commits_what_was_already_encoded(tmp_path, tiny_focal, monkeypatch):
+    from focalsearch.models.encoders import ConditionalEncoder
+
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 12)
+    real_encode, calls = ConditionalEncoder.encode_pixels, []
+
+    def interrupted_on_third_batch(self, pixels, instruction=""):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_encode(self, pixels, instruction)
+
+    monkeypatch.setattr(ConditionalEncoder, "encode_pixels", interrupted_on_third_batch)
+    engine = FocalSearch(tmp_path / "index", model=str(tiny_focal), batch_size=4, commit_seconds=3600)
+    with pytest.raises(KeyboardInterrupt):
+        engine.index([photos], ["color"])
+    assert engine.conditions()[0].rows == 8
+
+    monkeypatch.setattr(ConditionalEncoder, "encode_pixels", real_encode)
+    report = engine.index([photos], ["color"])
+    assert (report.encoded, report.unchanged, report.conditions) == (4, 8, {"color": 12})
 
 
 def test_concurrent_writers_are_refused(tmp_path, tiny_focal):
