@@ -1,11 +1,12 @@
 """Indexing throughput against the physical ceilings, measured side by side in one run.
 
-    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16] [--json OUT]
+    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16] [--precision auto] [--json OUT]
 
 On a generated folder of photo-like JPEGs of 1-4 megapixels, for each model:
 (a) the stage ceilings, each stage alone:
     - decode + preprocess only (the indexer's workers, JPEG draft mode on, and off for comparison);
     - encoder forward passes only, on pre-decoded tensors;
+    - the encoder in float32 beside the arithmetic `--precision auto` picks (bf16 where supported);
 (b) `focalsearch index` end to end (FocalSearch.index, what the command runs; the model is loaded
     before the clock starts) with 1 instruction and with 4, counting how often each image is decoded;
 (c) the cost of a conditional encoding over a plain CLIP encoding, against the ratio of their
@@ -150,15 +151,23 @@ def index_run(model: str, folder: Path, instructions, batch_size: int, workers: 
             "max_decodes_per_image": max(decodes.values()), "timings": report.timings}
 
 
+def _arithmetic(encoder) -> str:
+    weights = str(encoder.dtype).removeprefix("torch.")
+    if encoder.autocast_dtype is None:
+        return weights
+    return f"{weights} weights, {str(encoder.autocast_dtype).removeprefix('torch.')} autocast"
+
+
 def measure_model(name: str, location: str, paths: list[Path], folder: Path, args) -> dict:
     import torch
 
     from focalsearch.models import create_encoder
 
-    encoder = create_encoder(location, device=args.device, batch_size=args.batch_size)
+    encoder = create_encoder(location, device=args.device, batch_size=args.batch_size, precision=args.precision)
     workers = args.workers or min(8, os.cpu_count() or 1)
     count = len(paths)
-    print(f"\n== {name}: {encoder.info.model} on {encoder.device}, {count} JPEGs, {workers} decode workers, "
+    arithmetic = _arithmetic(encoder)
+    print(f"\n== {name}: {encoder.info.model} on {encoder.device} ({arithmetic}), {count} JPEGs, {workers} decode workers, "
           f"{torch.get_num_threads()} torch threads", flush=True)
     decode_plain = decode_ceiling(encoder, paths, workers, draft=False)
     decode = decode_ceiling(encoder, paths, workers, draft=True)
@@ -174,6 +183,13 @@ def measure_model(name: str, location: str, paths: list[Path], folder: Path, arg
     encode_all = {i: (conditional if i == instruction else encode_rate(encoder, pixels, i, args.batch_size, repeats=1))
                   for i in INSTRUCTIONS[: args.conditions]}
     print(f"encode only:       {conditional:8.1f} img/s conditional ({instruction!r}) | {plain:8.1f} img/s plain", flush=True)
+    conditional_fp32 = None
+    if arithmetic != "float32":
+        exact = create_encoder(location, device=args.device, batch_size=args.batch_size, precision="float32")
+        conditional_fp32 = encode_rate(exact, pixels, instruction, args.batch_size)
+        print(f"  same, in float32: {conditional_fp32:8.1f} img/s conditional: {arithmetic} is x{conditional / conditional_fp32:.2f}",
+              flush=True)
+        del exact
     image_tokens, instruction_tokens = token_ratio(encoder, instruction)
     cost_ratio, tokens = plain / conditional, (image_tokens + instruction_tokens) / image_tokens
 
@@ -198,10 +214,10 @@ def measure_model(name: str, location: str, paths: list[Path], folder: Path, arg
             "measured": abs(cost_ratio / tokens - 1), "target": GOAL_TOKENS, "holds": abs(cost_ratio / tokens - 1) <= GOAL_TOKENS},
     }
     return {
-        "model": encoder.info.model, "device": str(encoder.device), "images": count, "workers": workers,
+        "model": encoder.info.model, "device": str(encoder.device), "arithmetic": arithmetic, "images": count, "workers": workers,
         "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "decode_full_img_s": decode_plain, "decode_draft_img_s": decode,
-        "encode_conditional_img_s": conditional, "encode_plain_img_s": plain,
+        "encode_conditional_img_s": conditional, "encode_plain_img_s": plain, "encode_conditional_float32_img_s": conditional_fp32,
         "encode_per_instruction_img_s": encode_all,
         "index_1": one, f"index_{args.conditions}": four, "bound_4_s": bound_four,
         "cost_ratio": cost_ratio, "token_ratio": tokens, "image_tokens": image_tokens, "instruction_tokens": instruction_tokens,
@@ -218,6 +234,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: the indexer's)")
     parser.add_argument("--conditions", type=int, default=4, choices=range(2, 5))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="auto, float32 or bfloat16 (the indexer's --precision)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from focalsearch.errors import IndexBusyError, ModelMismatchError, UnknownConditionError, UserError
 from focalsearch.images import DEFAULT_MAX_PIXELS, open_query_image
-from focalsearch.defaults import DEFAULT_INDEX_DIR
+from focalsearch.defaults import DEFAULT_INDEX_DIR, PRECISIONS
 from focalsearch.store import Condition, Store
 
 _ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
@@ -72,11 +72,14 @@ class FocalSearch:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         commit_seconds: float = 5.0,
+        precision: str = "auto",
     ):
         if encoder not in _ENCODER_NAMES:
             raise UserError(f"unknown encoder {encoder!r}; use one of: {', '.join(_ENCODER_NAMES)}")
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
         if commit_seconds < 0:
             raise UserError("--commit-every must be 0 or more seconds")
         self.index_dir = Path(index_dir).expanduser()
@@ -87,6 +90,7 @@ class FocalSearch:
         self.workers = workers
         self.max_pixels = max_pixels
         self.commit_seconds = commit_seconds
+        self.precision = precision
         self._encoders: dict[str, object] = {}  # by towers loaded: "both", "text", "vision"
         self._store: Store | None = None
 
@@ -126,7 +130,8 @@ class FocalSearch:
         loaded = self._encoders.get("both") or self._encoders.get(towers)
         if loaded is None:
             loaded = self._encoders[towers] = create_encoder(
-                model, encoder=encoder, device=self.device, batch_size=self.batch_size, towers=towers
+                model, encoder=encoder, device=self.device, batch_size=self.batch_size, towers=towers,
+                precision=self.precision,
             )
         return loaded
 

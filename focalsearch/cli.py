@@ -31,6 +31,13 @@ ModelOpt = Annotated[
     typer.Option("--model", help="Hub id or local checkpoint folder (default: the index's model, else $FOCALSEARCH_MODEL or the built-in default)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision", envvar="FOCALSEARCH_PRECISION",
+        help="auto (bf16 on a GPU and on CPUs with native bf16, else float32), float32 or bfloat16.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 _SKIPPED_SHOWN = 20
 
@@ -84,17 +91,21 @@ def index(
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decode threads.")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip images with more pixels (decompression-bomb limit).")] = 178_956_970,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Encode the images under PATHS for each instruction into the index (incremental)."""
     from focalsearch.api import FocalSearch
 
     _quiet_libraries()
-    engine = FocalSearch(
-        index_dir, model, encoder=encoder, device=device, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
-        commit_seconds=commit_every,
-    )
-    report = _run(lambda: engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty()))
+    def go():
+        engine = FocalSearch(
+            index_dir, model, encoder=encoder, device=device, batch_size=batch_size, workers=workers,
+            max_pixels=max_pixels, commit_seconds=commit_every, precision=precision,
+        )
+        return engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty())
+
+    report = _run(go)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
         return
@@ -129,6 +140,7 @@ def query(
     index_dir: IndexDir = DEFAULT_INDEX,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,
     paths_only: Annotated[bool, typer.Option("--paths-only", help="Print only result paths, one per line.")] = False,
 ) -> None:
@@ -136,8 +148,11 @@ def query(
     from focalsearch.api import FocalSearch
 
     _quiet_libraries()
-    engine = FocalSearch(index_dir, model, device=device)
-    result = _run(lambda: engine.search(image=image, text=text, instruction=instruction, k=k), interrupted="interrupted")
+    def go():
+        engine = FocalSearch(index_dir, model, device=device, precision=precision)
+        return engine.search(image=image, text=text, instruction=instruction, k=k)
+
+    result = _run(go, interrupted="interrupted")
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     elif paths_only:
@@ -247,6 +262,7 @@ def bench(
     instruction: Annotated[Optional[str], typer.Option("--instruction", help="Instruction or template replacing the benchmark's default (see its docstring).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N records per file (a quick check).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ) -> None:
@@ -261,7 +277,7 @@ def bench(
         from focalsearch.bench.registry import run_benchmark
         from focalsearch.models import create_encoder
 
-        loaded = create_encoder(model, encoder=encoder, device=device, batch_size=batch_size)
+        loaded = create_encoder(model, encoder=encoder, device=device, batch_size=batch_size, precision=precision)
         report = run_benchmark(name, loaded, data, instruction=instruction, limit=limit, progress=sys.stderr.isatty())
         if json_out is not None:
             report.write_json(json_out)

@@ -3,3 +3,4 @@
 from pathlib import Path
 
 DEFAULT_INDEX_DIR = Path("indexes/default")
+PRECISIONS = ("auto", "float32", "bfloat16")  # inference arithmetic; see models.encoders.compute_dtypes

@@ -47,9 +47,9 @@ def _read_paths(path: Path) -> pa.Array | None:
         return None
 
 
-def _write_paths(path: Path, paths: list[str]) -> None:
+def _write_paths(path: Path, paths: pa.Array) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    table = pa.table({"path": pa.array(paths, pa.string())})
+    table = pa.table({"path": paths})
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     tmp.replace(path)
@@ -66,7 +66,7 @@ def build_condition_index(store: Store, condition: Condition, *, exact_max_rows:
         ann.save_index(index, index_file, {"table": condition.table, "table_version": version, "rows": len(paths)})
     except OSError:
         pass  # derived data: an unwritable index folder costs a rebuild next time, nothing more
-    return ConditionIndex(ann.to_gpu_if_available(index), pa.array(paths, pa.string()), version)
+    return ConditionIndex(ann.to_gpu_if_available(index), paths, version)
 
 
 def load_condition_index(store: Store, condition: Condition, **build_options) -> ConditionIndex:

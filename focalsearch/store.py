@@ -252,13 +252,14 @@ class Store:
         except OSError as exc:
             raise _storage_error(exc, self.root) from exc
 
-    def snapshot(self, condition: Condition) -> tuple[int, list[str], np.ndarray]:
+    def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:
         """(version, paths, vectors) of a condition, read from one consistent version."""
         table = self._table(condition)
         version = table.version
         data = self._scan(condition, ["path", "vector"], table)
+        paths = data["path"].combine_chunks()
         vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, condition.dim)
-        return version, data["path"].to_pylist(), np.ascontiguousarray(vectors, dtype=np.float32)
+        return version, paths, np.ascontiguousarray(vectors, dtype=np.float32)
 
     def exact_search(self, condition: Condition, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top-k (path, inner product) by LanceDB's own brute-force vector search."""

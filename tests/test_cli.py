@@ -107,6 +107,11 @@ def test_query_by_text_and_paths_only(collection):
     plain = cli("query", "--text", "three apples", "-i", "background", "-k", "4", "--index", collection["index"], "--paths-only")
     assert plain.exit_code == 0
     assert plain.stdout.splitlines() == [r["path"] for r in out["results"]]
+    for precision in ("float32", "bfloat16"):
+        forced = cli_json("query", "--text", "three apples", "-i", "background", "-k", "4", "--index", collection["index"],
+                          "--precision", precision)
+        assert len(forced["results"]) == 4
+        assert abs(forced["results"][0]["score"] - out["results"][0]["score"]) < 0.01  # the best score moves by at most the rounding
 
 
 def test_conditions_command(collection):
@@ -134,6 +139,8 @@ def test_other_user_errors(collection, tiny_clip, tmp_path):
     assert_one_line_error(cli("query", query, "--index", tmp_path / "none"), 2, "no index")
     assert_one_line_error(cli("query", "-i", "background", "--index", index), 2, "either a query image or --text")
     assert_one_line_error(cli("index", tmp_path / "missing", "--index", tmp_path / "i2", "--model", tiny_clip), 2, "path not found")
+    assert_one_line_error(cli("query", "--text", "x", "--index", index, "--precision", "half"), 2, "unknown precision 'half'")
+    assert_one_line_error(cli("index", collection["photos"], "--index", index, "--encoder", "siglip"), 2, "unknown encoder 'siglip'")
     assert_one_line_error(
         cli("index", collection["photos"], "--index", tmp_path / "i3", "--model", tmp_path / "no-model"), 2, "--model PATH", "Offline quick start"
     )

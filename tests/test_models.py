@@ -20,13 +20,40 @@ def images():
 
 
 def test_empty_instruction_is_exactly_base_clip(tiny_clip, tiny_focal, images):
-    focal = create_encoder(str(tiny_focal))
+    focal = create_encoder(str(tiny_focal), precision="float32")
     assert focal.info.encoder == "focallens"
     base = CLIPModel.from_pretrained(tiny_clip).eval()
     with torch.no_grad():
         expected = base.get_image_features(pixel_values=focal.preprocess(images)).pooler_output
     expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
     assert np.array_equal(focal.encode_images(images, ""), expected)
+
+
+def test_auto_precision_uses_bf16_autocast_only_where_the_cpu_has_bf16(tiny_focal, monkeypatch):
+    from focalsearch.models import encoders
+
+    monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: True)
+    with_bf16 = create_encoder(str(tiny_focal))
+    assert (with_bf16.dtype, with_bf16.autocast_dtype) == (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: False)
+    assert create_encoder(str(tiny_focal)).autocast_dtype is None
+    assert create_encoder(str(tiny_focal), precision="bfloat16").autocast_dtype == torch.bfloat16
+    assert create_encoder(str(tiny_focal), precision="float32").autocast_dtype is None
+    with pytest.raises(UserError, match="unknown precision 'half'"):
+        create_encoder(str(tiny_focal), precision="half")
+
+
+def test_bf16_encodings_stay_close_to_float32(tiny_focal, images):
+    exact = create_encoder(str(tiny_focal), precision="float32")
+    bf16 = create_encoder(str(tiny_focal), precision="bfloat16")
+    for instruction in ("", "color"):
+        a, b = exact.encode_images(images, instruction), bf16.encode_images(images, instruction)
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+        assert not np.array_equal(a, b), "bf16 autocast must actually change the arithmetic"
+        assert (a * b).sum(axis=1).min() > 0.995
+    texts = ["three apples", "a red circle"]
+    assert (exact.encode_texts(texts) * bf16.encode_texts(texts)).sum(axis=1).min() > 0.995
 
 
 def test_instruction_changes_the_focallens_embedding(tiny_focal, images):

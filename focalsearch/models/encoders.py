@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from focalsearch.defaults import PRECISIONS
 from focalsearch.errors import UserError
 from focalsearch.instructions import normalize_instruction
 from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
@@ -45,6 +47,31 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def compute_dtypes(device: torch.device, precision: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype or None) for inference.
+
+    "auto": on CUDA, bf16 (fp16) weights; on a CPU with native bf16, float32 weights under bf16
+    autocast, which keeps norms and softmax in float32 (measured: 1.3x the demo's and 1.9x a
+    ViT-B/16's encoding rate, cosine to float32 above 0.9999; benchmarks/throughput.py); elsewhere
+    float32. "float32" and "bfloat16" force the one or the other.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return torch.float32, None
+    if device.type == "cuda":
+        return (torch.bfloat16 if precision == "bfloat16" else inference_dtype(device)), None
+    if precision == "bfloat16" or cpu_has_native_bf16():
+        return torch.float32, torch.bfloat16
+    return torch.float32, None
+
+
 def needed_towers(encoder: str, instruction: str, *, image_query: bool) -> str:
     """Which towers a query needs: a text query only the text tower; an image query the vision
     tower, plus the text tower where the instruction is read (focallens, clip+text)."""
@@ -71,8 +98,16 @@ class ConditionalEncoder:
     """
 
     def __init__(
-        self, ref: ModelRef, encoder: str = "auto", device: str = "auto", batch_size: int = 32, towers: str = "both"
+        self,
+        ref: ModelRef,
+        encoder: str = "auto",
+        device: str = "auto",
+        batch_size: int = 32,
+        towers: str = "both",
+        precision: str = "auto",
     ):
+        self.device = pick_device(device)
+        self.dtype, self.autocast_dtype = compute_dtypes(self.device, precision)
         model, tokenizer, processor = load_clip_family(ref, towers)
         if towers == "both":
             is_focallens = isinstance(model, FocalLensCLIPModel)
@@ -88,8 +123,6 @@ class ConditionalEncoder:
                 f"model {ref.model_id} is a plain CLIP checkpoint; use --encoder clip or clip+text, "
                 "or turn it into FocalLens-CLIP with `focalsearch model init`"
             )
-        self.device = pick_device(device)
-        self.dtype = inference_dtype(self.device)
         self.model = model.to(self.device, dtype=self.dtype)
         self.tokenizer = tokenizer
         self.image_processor = processor
@@ -126,6 +159,11 @@ class ConditionalEncoder:
         )
         return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _require(self, tower: str) -> None:
         if self.towers not in ("both", tower):
             raise RuntimeError(f"this encoder was loaded with the {self.towers} tower only; it cannot use the {tower} tower")
@@ -139,7 +177,8 @@ class ConditionalEncoder:
                     tokens = self._tokenize([instruction], self.model.config.instruction_max_length)
                     keep = tokens["attention_mask"][0].bool()
                     ids = tokens["input_ids"][:, keep]
-                    self._instruction_cache[instruction] = self.model.instruction_tokens(ids)
+                    with self._autocast():
+                        self._instruction_cache[instruction] = self.model.instruction_tokens(ids)
                 else:
                     self._instruction_cache[instruction] = self._text_features([instruction])[0]
             return self._instruction_cache[instruction]
@@ -152,13 +191,16 @@ class ConditionalEncoder:
         instruction = normalize_instruction(instruction)
         pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
         if not instruction or self.info.encoder == "clip":
-            features = _l2_normalize(self._image_features(pixels))
+            with self._autocast():
+                features = _l2_normalize(self._image_features(pixels))
         elif self.info.encoder == "focallens":
             tokens = self._instruction_features(instruction)
-            features = _l2_normalize(self.model.conditional_image_features(pixels, tokens))
+            with self._autocast():
+                features = _l2_normalize(self.model.conditional_image_features(pixels, tokens))
         else:
             text = self._instruction_features(instruction)
-            image = _l2_normalize(self._image_features(pixels))
+            with self._autocast():
+                image = _l2_normalize(self._image_features(pixels))
             features = _l2_normalize(image + text[None, :])
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -173,9 +215,10 @@ class ConditionalEncoder:
     @torch.inference_mode()
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self._tokenize(texts)
-        if self.towers == "text":
-            return _l2_normalize(self.model(**tokens).text_embeds)
-        return _l2_normalize(self.model.get_text_features(**tokens).pooler_output)
+        with self._autocast():
+            if self.towers == "text":
+                return _l2_normalize(self.model(**tokens).text_embeds)
+            return _l2_normalize(self.model.get_text_features(**tokens).pooler_output)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.towers == "vision":
@@ -192,7 +235,14 @@ class ConditionalEncoder:
 
 
 def create_encoder(
-    model: str | None = None, encoder: str = "auto", device: str = "auto", batch_size: int = 32, towers: str = "both"
+    model: str | None = None,
+    encoder: str = "auto",
+    device: str = "auto",
+    batch_size: int = 32,
+    towers: str = "both",
+    precision: str = "auto",
 ) -> ConditionalEncoder:
     """Load a ConditionalEncoder from a hub id or local folder (None = the default model)."""
-    return ConditionalEncoder(resolve_model(model), encoder=encoder, device=device, batch_size=batch_size, towers=towers)
+    return ConditionalEncoder(
+        resolve_model(model), encoder=encoder, device=device, batch_size=batch_size, towers=towers, precision=precision
+    )
