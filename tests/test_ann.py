@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,30 @@ def test_load_corrupt_index_same_size(saved):
     blob[:4] = b"XXXX"  # unreadable header: faiss itself refuses it
     saved.write_bytes(bytes(blob))
     assert ann.load_index(saved, verify=False) is None
+
+
+def _counting_checksums(monkeypatch) -> list[Path]:
+    read, real = [], ann._crc32
+    monkeypatch.setattr(ann, "_crc32", lambda path: read.append(path) or real(path))
+    return read
+
+
+def test_an_untouched_index_is_not_read_whole_to_load_it(saved, monkeypatch):
+    read = _counting_checksums(monkeypatch)
+    assert ann.load_index(saved) is not None and read == []
+    before = saved.stat()
+    blob = bytearray(saved.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    saved.write_bytes(bytes(blob))
+    os.utime(saved, ns=(before.st_atime_ns, before.st_mtime_ns))  # hiding the write from mtime does not hide it from ctime
+    assert ann.load_index(saved) is None and read == [saved]
+
+
+def test_a_sidecar_from_the_same_clock_tick_as_the_index_is_not_trusted(saved, monkeypatch):
+    read = _counting_checksums(monkeypatch)
+    side = ann.sidecar_path(saved)
+    os.utime(side, ns=(side.stat().st_atime_ns, saved.stat().st_ctime_ns))
+    assert ann.load_index(saved) is not None and read == [saved]
 
 
 @pytest.mark.parametrize(
