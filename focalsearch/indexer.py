@@ -302,11 +302,16 @@ class Indexer:
         import torch
 
         pixels = torch.stack(batch.pixels)
+        device = self.encoder.device
+        if device.type == "cuda":
+            # One pinned, asynchronous copy per batch, shared by every condition (encode_pixels then only casts).
+            pixels = pixels.pin_memory().to(device, non_blocking=True)
         conditions = {c.table: c for needs in batch.needs for c in needs}
         for condition in conditions.values():
             rows = [i for i, needs in enumerate(batch.needs) if condition in needs]
             started = time.perf_counter()
-            vectors = self.encoder.encode_pixels(pixels[rows], condition.instruction)
+            subset = pixels if len(rows) == len(pixels) else pixels[rows]
+            vectors = self.encoder.encode_pixels(subset, condition.instruction)
             report.timings["encode"] += time.perf_counter() - started
             known = records[condition.table]
             for i, vector in zip(rows, vectors):

@@ -208,3 +208,24 @@ def test_a_query_loads_only_the_towers_it_needs(tmp_path, tiny_focal):
     assert conditioned.results == full.search(image=paths[0], instruction="color", k=3).results
     engine.search(text="blue", instruction="color", k=3)
     assert len(engine._encoders) == 3  # once both towers are loaded, nothing else is
+
+
+def _vectors_by_path(index_dir, instruction: str) -> dict[str, np.ndarray]:
+    store = Store(index_dir)
+    _, paths, vectors = store.snapshot(store.find(instruction))
+    return dict(zip(paths.to_pylist(), vectors))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_indexing_on_cuda_matches_the_cpu(tmp_path, tiny_focal):
+    # The CUDA path: pinned pixels copied once per batch and shared by the conditions, bf16 weights.
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 10)
+    for device, precision in (("cpu", "float32"), ("cuda", "auto")):
+        FocalSearch(tmp_path / ("gpu" if device == "cuda" else device), model=str(tiny_focal), device=device, precision=precision, batch_size=4).index(
+            [photos], ["color", "shape"]
+        )
+    for instruction in ("color", "shape"):
+        cpu, gpu = _vectors_by_path(tmp_path / "cpu", instruction), _vectors_by_path(tmp_path / "gpu", instruction)
+        assert cpu.keys() == gpu.keys() and len(cpu) == 10
+        assert min(float(cpu[p] @ gpu[p]) for p in cpu) > 0.99
