@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -113,25 +114,27 @@ def decode_ceiling(encoder, paths: list[Path], workers: int, draft: bool, repeat
     return len(paths) / best
 
 
-def encode_rates(encoder, pixels, instructions, batch_size: int, repeats: int = 3) -> dict[str, float]:
+def encode_rates(encoder, pixels, instructions, batch_size: int, repeats: int = 3, min_seconds: float = 1.0) -> dict[str, float]:
     """Images/s of the encoder's forward passes alone on pre-decoded tensors, per instruction.
 
     One untimed pass per instruction first (a process's first passes run slow: thread pools, kernel
     caches, the instruction's tokens), then ``repeats`` rounds that time every instruction in turn,
-    keeping each one's best, so that drifting machine speed hits all of them alike.
+    keeping each one's best, so that drifting machine speed hits all of them alike. A timed pass
+    goes over the pixels as many times as it takes to last ``min_seconds``: a burst of noise on
+    this VM can take a tenth of a second, too much for a pass of a fifth of one.
     """
-    def one_pass(instruction: str) -> float:
+    def one_pass(instruction: str, loops: int) -> float:
         started = time.perf_counter()
-        for lo in range(0, len(pixels), batch_size):
-            encoder.encode_pixels(pixels[lo : lo + batch_size], instruction)
-        return time.perf_counter() - started
+        for _ in range(loops):
+            for lo in range(0, len(pixels), batch_size):
+                encoder.encode_pixels(pixels[lo : lo + batch_size], instruction)
+        return (time.perf_counter() - started) / loops
 
-    for instruction in instructions:
-        one_pass(instruction)
+    loops = max(1, math.ceil(min_seconds / min(one_pass(instruction, 1) for instruction in instructions)))
     best = dict.fromkeys(instructions, float("inf"))
     for _ in range(repeats):
         for instruction in instructions:
-            best[instruction] = min(best[instruction], one_pass(instruction))
+            best[instruction] = min(best[instruction], one_pass(instruction, loops))
     return {instruction: len(pixels) / seconds for instruction, seconds in best.items()}
 
 
