@@ -114,10 +114,13 @@ class _Writes:
     def commit(self, store: Store, condition: Condition) -> None:
         import numpy as np
 
-        for rows, write in ((self.new, store.add), (self.replaced, store.upsert)):
-            if rows:
-                write(condition, [r for r, _ in rows], np.stack([v for _, v in rows]))
-        self.new, self.replaced, self.since = [], [], None
+        if self.new:  # each list is emptied once written, so that a retry after a failure never adds twice
+            store.add(condition, [r for r, _ in self.new], np.stack([v for _, v in self.new]))
+            self.new = []
+        if self.replaced:
+            store.upsert(condition, [r for r, _ in self.replaced], np.stack([v for _, v in self.replaced]))
+            self.replaced = []
+        self.since = None
 
 
 class Indexer:

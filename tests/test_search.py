@@ -128,6 +128,30 @@ def test_an_interrupt_commits_what_was_already_encoded(tmp_path, tiny_focal, mon
     assert (report.encoded, report.unchanged, report.conditions) == (4, 8, {"color": 12})
 
 
+def test_a_failed_commit_never_adds_a_row_twice(tmp_path, tiny_focal, monkeypatch):
+    photos = tmp_path / "photos"
+    originals = make_image_folder(photos, 6)
+    engine = FocalSearch(tmp_path / "index", model=str(tiny_focal), batch_size=4, commit_seconds=3600)
+    engine.index([photos], ["color"])
+    for path in originals[:2]:  # changed files are replaced by id, new ones appended
+        path.write_bytes(path.read_bytes() + b"\0")
+    make_image_folder(photos, 2, start=6)
+
+    def broken_upsert(*args, **kwargs):
+        raise RuntimeError("lance failed")
+
+    monkeypatch.setattr(Store, "upsert", broken_upsert)
+    with pytest.raises(RuntimeError, match="lance failed"):
+        engine.index([photos], ["color"])
+    store = Store(tmp_path / "index")
+    paths = store.snapshot(store.find("color"))[1].to_pylist()
+    assert len(paths) == len(set(paths)) == 8
+
+    monkeypatch.undo()
+    report = FocalSearch(tmp_path / "index", batch_size=4).index([photos], ["color"])
+    assert (report.encoded, report.conditions) == (2, {"color": 8})
+
+
 def test_concurrent_writers_are_refused(tmp_path, tiny_focal):
     photos = tmp_path / "photos"
     make_image_folder(photos, 2)
