@@ -57,7 +57,7 @@ def compute_dtypes(device: torch.device, precision: str = "auto") -> tuple[torch
     """(weights dtype, autocast dtype or None) for inference.
 
     "auto": on CUDA, bf16 (fp16) weights; on a CPU with native bf16, float32 weights under bf16
-    autocast, which keeps norms and softmax in float32 (measured: 1.3x the demo's and 1.9x a
+    autocast, which keeps norms and softmax in float32 (measured: 1.1-1.5x the demo's and 1.9-2.5x a
     ViT-B/16's encoding rate, cosine to float32 above 0.9999; benchmarks/throughput.py); elsewhere
     float32. "float32" and "bfloat16" force the one or the other.
     """
