@@ -9,7 +9,8 @@ import datetime as dt
 import errno
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,15 @@ def _storage_error(exc: OSError, root: Path) -> StorageError:
     return StorageError(f"cannot write the index at {root}: {' '.join(str(exc).split())[:200]}")
 
 
+@contextmanager
+def _storage_errors(root: Path) -> Iterator[None]:
+    """Report an OSError while writing the index at ``root`` as one clear StorageError."""
+    try:
+        yield
+    except OSError as exc:
+        raise _storage_error(exc, root) from exc
+
+
 def _sql_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -118,10 +128,8 @@ class Store:
         if not self.root.is_dir():
             if not create:
                 raise IndexNotFoundError(f"no index at {self.root}; build one with `focalsearch index PATH`")
-            try:
+            with _storage_errors(self.root):
                 self.root.mkdir(parents=True)
-            except OSError as exc:
-                raise _storage_error(exc, self.root) from exc
         session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
         self.db = lancedb.connect(str(self.root / "lancedb"), session=session)
 
@@ -155,11 +163,9 @@ class Store:
             return existing
         now = _now()
         condition = Condition(table_name(model, encoder, instruction), instruction, model, encoder, dim, now, now)
-        try:
+        with _storage_errors(self.root):
             self.db.create_table(condition.table, schema=row_schema(dim), exist_ok=True)
             self._write_catalog(condition)
-        except OSError as exc:
-            raise _storage_error(exc, self.root) from exc
         return condition
 
     def mark_updated(self, condition: Condition) -> Condition:
@@ -207,20 +213,16 @@ class Store:
         """
         if not records:
             return
-        try:
+        with _storage_errors(self.root):
             self._table(condition).add(self._rows(condition, records, vectors))
-        except OSError as exc:
-            raise _storage_error(exc, self.root) from exc
 
     def upsert(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Insert or replace rows by id in one commit."""
         if not records:
             return
         data = self._rows(condition, records, vectors)
-        try:
+        with _storage_errors(self.root):
             self._table(condition).merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-        except OSError as exc:
-            raise _storage_error(exc, self.root) from exc
 
     def refresh_records(self, condition: Condition, records: Sequence[FileRecord]) -> None:
         """Update file metadata (e.g. a touched file's mtime) of existing rows, keeping their vectors."""
@@ -237,20 +239,16 @@ class Store:
     def delete(self, condition: Condition, ids: Iterable[str]) -> int:
         """Delete rows by id; returns how many ids were asked for."""
         ids = list(ids)
-        try:
+        with _storage_errors(self.root):
             for start in range(0, len(ids), 1000):
                 self._table(condition).delete(f"id IN ({_sql_list(ids[start:start + 1000])})")
-        except OSError as exc:
-            raise _storage_error(exc, self.root) from exc
         return len(ids)
 
     def compact(self, condition: Condition) -> None:
         """Merge small fragments left by batched commits and drop old versions."""
-        try:
+        with _storage_errors(self.root):
             # Keep versions a few seconds old so a concurrent query never loses its snapshot.
             self._table(condition).optimize(cleanup_older_than=dt.timedelta(seconds=10))
-        except OSError as exc:
-            raise _storage_error(exc, self.root) from exc
 
     def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:
         """(version, paths, vectors) of a condition, read from one consistent version."""

@@ -190,18 +190,15 @@ class ConditionalEncoder:
         self._require("vision")
         instruction = normalize_instruction(instruction)
         pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
-        if not instruction or self.info.encoder == "clip":
-            with self._autocast():
+        conditioned = bool(instruction) and self.info.encoder != "clip"
+        read = self._instruction_features(instruction) if conditioned else None  # tokens, or a text embedding
+        with self._autocast():
+            if conditioned and self.info.encoder == "focallens":
+                features = _l2_normalize(self.model.conditional_image_features(pixels, read))
+            else:
                 features = _l2_normalize(self._image_features(pixels))
-        elif self.info.encoder == "focallens":
-            tokens = self._instruction_features(instruction)
-            with self._autocast():
-                features = _l2_normalize(self.model.conditional_image_features(pixels, tokens))
-        else:
-            text = self._instruction_features(instruction)
-            with self._autocast():
-                image = _l2_normalize(self._image_features(pixels))
-            features = _l2_normalize(image + text[None, :])
+        if conditioned and self.info.encoder == "clip+text":
+            features = _l2_normalize(features + read[None, :])
         return features.cpu().numpy().astype(np.float32, copy=False)
 
     def encode_images(self, images: Sequence[Image.Image], instruction: str = "") -> np.ndarray:

@@ -12,6 +12,7 @@ the text tower knows it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -264,9 +265,15 @@ INSTRUCTION_KEYWORDS = frozenset(
 _SYNONYM_WORDS = frozenset({"hue", "form", "forms", "backdrop", "scale", "large"})
 
 
+@functools.cache
 def _filler_words() -> tuple[str, ...]:
     values = {w for vs in VALUES.values() for v in vs for w in _words(v) + _words(v + "s")}
     return tuple(sorted(caption_vocabulary() - values - INSTRUCTION_KEYWORDS - _SYNONYM_WORDS))
+
+
+@functools.cache
+def _held_out_word_sequences() -> frozenset[tuple[str, ...]]:
+    return frozenset(tuple(_words(p)) for table in (HELDOUT_PHRASINGS, HELDOUT_SYNONYMS) for group in table.values() for p in group)
 
 
 def noisy_instruction(text: str, rng: random.Random, drop: float = 0.3, max_inserted: int = 2) -> str:
@@ -277,8 +284,7 @@ def noisy_instruction(text: str, rng: random.Random, drop: float = 0.3, max_inse
     held-out phrasings, which stay unseen.
     """
     words = _words(text)
-    fillers = _filler_words()
-    held_out = {tuple(_words(p)) for table in (HELDOUT_PHRASINGS, HELDOUT_SYNONYMS) for group in table.values() for p in group}
+    fillers, held_out = _filler_words(), _held_out_word_sequences()
     while True:
         kept = [w for w in words if w in INSTRUCTION_KEYWORDS or rng.random() >= drop] or words
         for _ in range(rng.randint(0, max_inserted)):
