@@ -1,6 +1,6 @@
 """The mmvp-vlm benchmark; the same as `focalsearch bench mmvp-vlm`, with the same options.
 
-    python benchmarks/mmvp_vlm.py --data DIR --model M [--encoder focallens|clip|clip+text] [--json OUT]
+    python benchmarks/mmvp_vlm.py --data DIR --model M [--encoder focallens|clip|clip+text] [--json OUT] [--ties official|pessimistic]
 
 The protocol and the data layout are described in focalsearch/bench/ and in the README.
 """

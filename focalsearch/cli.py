@@ -265,6 +265,14 @@ def bench(
     precision: PrecisionOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N records per file (a quick check).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    ties: Annotated[
+        Optional[str],
+        typer.Option("--ties", help="genecis, mmvp-vlm: official (default: the official code's tie rule) or pessimistic (a tie never earns credit)."),
+    ] = None,
+    task: Annotated[
+        Optional[list[str]],
+        typer.Option("--task", help="genecis: run only this task; repeat for several (default: every task whose files and images are present)."),
+    ] = None,
 ) -> None:
     """Rerun one of the paper's benchmarks and print our figures beside the paper's."""
     from focalsearch.bench.registry import BENCHMARKS
@@ -274,11 +282,14 @@ def bench(
     _quiet_libraries()
 
     def go():
-        from focalsearch.bench.registry import run_benchmark
+        from focalsearch.bench.registry import check_options, run_benchmark
         from focalsearch.models import create_encoder
 
+        check_options(name, data, ties=ties, tasks=task)  # before the (slow) model load
         loaded = create_encoder(model, encoder=encoder, device=device, batch_size=batch_size, precision=precision)
-        report = run_benchmark(name, loaded, data, instruction=instruction, limit=limit, progress=sys.stderr.isatty())
+        report = run_benchmark(
+            name, loaded, data, instruction=instruction, limit=limit, progress=sys.stderr.isatty(), ties=ties, tasks=task
+        )
         if json_out is not None:
             report.write_json(json_out)
         return report

@@ -46,8 +46,11 @@ def write_genecis(root: Path, items_per_task: int = 3) -> Path:
     return root
 
 
-def write_mmvp(root: Path, patterns=("Color and Appearance", "Quantity and Count"), pairs_per_pattern: int = 2) -> Path:
-    """Questions.csv and 'MLLM_VLM Images/<Type>/<id>.jpg'; statement n describes image n."""
+def write_mmvp(root: Path, patterns=("Color", "Quantity"), pairs_per_pattern: int = 2) -> Path:
+    """Questions.csv and 'MLLM_VLM Images/<Type>/<id>.jpg'; statement n describes image n.
+
+    Types are named as in the release's image folders ("Color", "Camera Perspective", ...).
+    """
     rows, qid = [], 1
     for p, pattern in enumerate(patterns):
         for n in range(pairs_per_pattern):

@@ -10,8 +10,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bench_fixtures import CELEBA_ATTRIBUTES, NAMES, PALETTE, write_celeba, write_genecis, write_mmvp, write_sugarcrepe
-from focalsearch.bench.common import BenchDataError, average_precision, pessimistic_rank, recall_at_k, strictly_prefers
-from focalsearch.bench.genecis import crop_instance
+from focalsearch.bench import mmvp
+from focalsearch.bench.common import (
+    BenchDataError,
+    average_precision,
+    l2_normalize,
+    pessimistic_rank,
+    recall_at_k,
+    stable_rank,
+    strictly_prefers,
+)
+from focalsearch.bench.genecis import TASKS, crop_instance
 from focalsearch.bench.registry import run_benchmark
 from focalsearch.cli import app
 from focalsearch.models.encoders import EncoderInfo
@@ -26,6 +35,22 @@ def test_rank_breaks_ties_against_the_target():
     assert pessimistic_rank(np.array([0.5, 0.5, 0.1]), 0) == 2
     assert pessimistic_rank(np.array([0.3, 0.3, 0.3, 0.3]), 0) == 4  # a constant scorer ranks the target last
     assert pessimistic_rank(np.array([0.1, 0.7, 0.3, 0.1]), 2) == 2
+
+
+def test_official_rank_keeps_list_order_among_ties():
+    # GeneCIS's official order: target listed first, a stable descending sort.
+    assert stable_rank(np.array([0.5, 0.5, 0.1]), 0) == 1
+    assert stable_rank(np.array([0.3, 0.3, 0.3, 0.3]), 0) == 1
+    assert stable_rank(np.array([0.3, 0.9, 0.3]), 0) == 2
+    assert stable_rank(np.array([0.3, 0.9, 0.3]), 2) == 3  # an equal score listed earlier ranks above
+
+
+def test_mmvp_official_choice_gives_a_tie_to_image_2():
+    assert mmvp.chosen_image(0.6, 0.5) == 1
+    assert mmvp.chosen_image(0.5, 0.5) == 2
+    assert mmvp.pair_is_right((0.6, 0.5), (0.5, 0.5), "official")  # statement 2 wins its tie
+    assert not mmvp.pair_is_right((0.5, 0.5), (0.4, 0.6), "official")  # statement 1 loses its tie
+    assert not mmvp.pair_is_right((0.6, 0.5), (0.5, 0.5), "pessimistic")
 
 
 def test_recall_at_k_counts_ranks_up_to_k():
@@ -112,8 +137,9 @@ class ConstantEncoder(_FakeEncoder):
 @pytest.mark.parametrize("name", list(WRITERS))
 def test_perfect_scorer_gets_100_and_constant_scorer_gets_no_credit(name, tmp_path):
     data = WRITERS[name](tmp_path / name)
-    perfect = run_benchmark(name, PerfectEncoder(), data)
-    constant = run_benchmark(name, ConstantEncoder(), data)
+    ties = {"ties": "pessimistic"} if name in ("genecis", "mmvp-vlm") else {}
+    perfect = run_benchmark(name, PerfectEncoder(), data, **ties)
+    constant = run_benchmark(name, ConstantEncoder(), data, **ties)
     if name == "celeba-attribute":
         assert perfect.metrics["mean"] == 100.0
         assert set(perfect.metrics) == {*CELEBA_ATTRIBUTES, "mean", "chance mean"}
@@ -150,16 +176,16 @@ def test_mmvp_pair_counts_only_when_both_statements_are_right(tmp_path):
     lines[2] = lines[2].replace(lines[2].split(",")[2], "a " + NAMES[0] + " picture")  # statement 2 of pair 1 now wrong
     (data / "Questions.csv").write_text("\n".join(lines) + "\n")
     metrics = run_benchmark("mmvp-vlm", PerfectEncoder(), data).metrics
-    assert metrics["Color and Appearance"] == 50.0
-    assert metrics["Quantity and Count"] == 100.0
+    assert metrics["Color"] == 50.0
+    assert metrics["Quantity"] == 100.0
     assert metrics["mean"] == 75.0
 
 
 # -- data errors -----------------------------------------------------------------------------------------------
 def test_missing_and_malformed_files_name_themselves(tmp_path):
     data = write_genecis(tmp_path / "g")
-    (data / "genecis" / "change_object.json").unlink()
-    with pytest.raises(BenchDataError, match="change_object"):
+    (data / "genecis" / "change_object.json").write_text(json.dumps([{"condition": "colour"}]))
+    with pytest.raises(BenchDataError, match="change_object.json record 0"):
         run_benchmark("genecis", PerfectEncoder(), data)
     data = write_sugarcrepe(tmp_path / "s")
     (data / "add_att.json").write_text(json.dumps({"0": {"filename": "x.jpg", "caption": "a"}}))
@@ -248,3 +274,222 @@ def test_bench_command_missing_annotation_is_one_line(tmp_path, tiny_focal):
     result = runner.invoke(app, ["bench", "genecis", "--data", str(data), "--model", str(tiny_focal), "--device", "cpu"])
     assert result.exit_code == 2
     assert "focus_attribute.json is not valid JSON" in result.stderr
+
+
+# -- GeneCIS: report, official image+text baseline, ties, task subsets ---------------------------------------
+def test_genecis_json_holds_item_counts_per_task_and_names_the_paper_model(tmp_path):
+    report = run_benchmark("genecis", PerfectEncoder(), write_genecis(tmp_path / "data", items_per_task=2), limit=None)
+    report.write_json(tmp_path / "report.json")
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["items"] == {task: 2 for task in TASKS}
+    assert written["reference_model"] == "FocalLens-CLIP" and written["ties"] == "official"
+    assert "(paper: FocalLens-CLIP)" in report.table()
+
+
+class ImagePlusTextFake(PerfectEncoder):
+    """A clip+text encoder whose raw text embedding is 10x longer than its raw image embedding and
+    leans towards yellow: averaging raw features lets the text dominate, the normalised sum does not."""
+
+    encoder = "clip+text"
+    TEXT = 10 * (0.8 * np.eye(len(PALETTE) + 2)[NAMES.index("yellow")] + 0.6 * np.eye(len(PALETTE) + 2)[-1])
+
+    def raw_image_features(self, pixels):
+        return super().encode_pixels(pixels, "")
+
+    def raw_text_features(self, texts):
+        return np.stack([self.TEXT] * len(texts)).astype(np.float32)
+
+    def encode_pixels(self, pixels, instruction=""):  # our general clip+text: normalised sum of normalised parts
+        image = super().encode_pixels(pixels, "")
+        return l2_normalize(image + l2_normalize(self.TEXT)) if instruction else image
+
+
+def test_genecis_clip_text_averages_raw_features_as_the_official_baseline(tmp_path):
+    # References are red, green and blue; yellow is in every gallery. normalise(0.5 * raw image +
+    # 0.5 * raw text) = normalise(e_ref + 8 e_yellow + 6 e_extra): yellow (8) beats the target (1).
+    # The normalised sum would give e_ref + 0.8 e_yellow + 0.6 e_extra: the target (1) wins.
+    report = run_benchmark("genecis", ImagePlusTextFake(), write_genecis(tmp_path))
+    for task in TASKS:
+        assert report.metrics[f"{task}/R@1"] == 0.0 and report.metrics[f"{task}/R@2"] == 100.0
+    assert "raw" in report.details["query"]
+
+
+def test_raw_features_are_the_encoder_vectors_before_normalisation(tiny_clip):
+    from focalsearch.models import create_encoder
+
+    encoder = create_encoder(str(tiny_clip), encoder="clip+text", device="cpu")
+    pixels = encoder.preprocess([Image.new("RGB", (40, 30), c) for c in PALETTE.values()])
+    raw = encoder.raw_image_features(pixels)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    np.testing.assert_allclose(l2_normalize(raw), encoder.encode_pixels(pixels, ""), atol=1e-5)
+    texts = ["color", "a red circle on a blue background"]
+    np.testing.assert_allclose(l2_normalize(encoder.raw_text_features(texts)), encoder.encode_texts(texts), atol=1e-5)
+
+
+def test_genecis_official_ties_credit_the_target_listed_first(tmp_path):
+    data = write_genecis(tmp_path)
+    official = run_benchmark("genecis", ConstantEncoder(), data)
+    pessimistic = run_benchmark("genecis", ConstantEncoder(), data, ties="pessimistic")
+    assert all(v == 100.0 for v in official.metrics.values()) and official.details["ties"] == "official"
+    assert all(v == 0.0 for v in pessimistic.metrics.values()) and pessimistic.details["ties"] == "pessimistic"
+    # As in change_object.json record 19: the target listed again in the gallery ties with itself.
+    path = data / "genecis" / "change_object.json"
+    records = json.loads(path.read_text())
+    records[0]["gallery"].append(records[0]["target"])
+    path.write_text(json.dumps(records))
+    assert run_benchmark("genecis", PerfectEncoder(), data).metrics["change_object/R@1"] == 100.0
+    tied = run_benchmark("genecis", PerfectEncoder(), data, ties="pessimistic").metrics
+    assert tied["change_object/R@1"] == pytest.approx(200 / 3) and tied["change_object/R@2"] == 100.0
+
+
+def test_genecis_runs_the_tasks_it_has_data_for_and_says_which_it_left_out(tmp_path):
+    data = write_genecis(tmp_path)
+    for image in (data / "vg" / "VG_100K_all").iterdir():  # COCO only: the attribute tasks cannot run
+        image.unlink()
+    (data / "vg" / "VG_100K_all").rmdir()
+    (data / "genecis" / "change_object.json").unlink()
+    report = run_benchmark("genecis", PerfectEncoder(), data)
+    assert {m.split("/")[0] for m in report.metrics} == {"focus_object", "mean over 1 of 4 tasks"}
+    assert report.details["items"] == {"focus_object": 3}
+    assert report.details["tasks_left_out"] == {
+        "focus_attribute": "no image folder vg/VG_100K_all",
+        "change_attribute": "no image folder vg/VG_100K_all",
+        "change_object": "no annotations genecis/change_object.json",
+    }
+    table = report.table()
+    assert "note: left out focus_attribute: no image folder vg/VG_100K_all" in table
+    assert "note: left out change_object: no annotations genecis/change_object.json" in table
+
+
+def test_genecis_leaves_out_a_task_with_missing_images(tmp_path):
+    data = write_genecis(tmp_path)
+    (data / "coco" / "val2017" / "000000000031.jpg").unlink()  # focus_object's first reference
+    report = run_benchmark("genecis", PerfectEncoder(), data)
+    assert report.details["tasks_left_out"] == {"focus_object": "1 of 15 images missing, e.g. coco/val2017/000000000031.jpg"}
+    assert "mean over 3 of 4 tasks/R@1" in report.metrics and "mean/R@1" not in report.metrics
+
+
+def test_genecis_task_option_picks_tasks_and_a_picked_task_must_run(tmp_path):
+    data = write_genecis(tmp_path)
+    report = run_benchmark("genecis", PerfectEncoder(), data, tasks=["change_object", "focus_object"])
+    assert set(report.details["items"]) == {"change_object", "focus_object"}
+    assert report.details["tasks_left_out"] == {} and not report.notes
+    (data / "genecis" / "focus_object.json").unlink()
+    with pytest.raises(BenchDataError, match="cannot run focus_object: no annotations genecis/focus_object.json"):
+        run_benchmark("genecis", PerfectEncoder(), data, tasks=["focus_object"])
+    with pytest.raises(BenchDataError, match="unknown task 'colour'"):
+        run_benchmark("genecis", PerfectEncoder(), data, tasks=["colour"])
+
+
+def test_bench_genecis_with_no_task_to_run_is_one_line(tmp_path, tiny_focal):
+    data = tmp_path / "data"
+    (data / "genecis").mkdir(parents=True)
+    result = runner.invoke(app, ["bench", "genecis", "--data", str(data), "--model", str(tiny_focal), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "no task can run" in result.stderr and "focus_object: no annotations" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_command_passes_ties_and_tasks_and_records_them(tmp_path, tiny_focal):
+    data = write_genecis(tmp_path / "data")
+    out = tmp_path / "report.json"
+    args = ["bench", "genecis", "--data", str(data), "--model", str(tiny_focal), "--device", "cpu", "--json", str(out)]
+    result = runner.invoke(app, [*args, "--ties", "pessimistic", "--task", "focus_object", "--task", "change_object"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["ties"] == "pessimistic" and set(report["items"]) == {"focus_object", "change_object"}
+    assert report["tasks_left_out"] == {} and report["notes"] == []
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("genecis", ["--ties", "random"], "unknown tie rule 'random'; use one of: official, pessimistic"),
+        ("sugarcrepe", ["--ties", "official"], "--ties applies only to genecis and mmvp-vlm, not to sugarcrepe"),
+        ("mmvp-vlm", ["--task", "focus_object"], "--task applies only to genecis, not to mmvp-vlm"),
+        ("genecis", ["--task", "focus_colour"], "unknown task 'focus_colour'"),
+    ],
+)
+def test_bench_option_errors_are_one_line_before_loading_a_model(name, options, message, tmp_path):
+    args = ["bench", name, "--data", str(tmp_path), "--model", str(tmp_path / "no-such-model"), "--device", "cpu", *options]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# -- MMVP-VLM: the official tie rule, the CSV read by position, the default instruction -------------------------
+def test_mmvp_official_tie_goes_to_image_2(tmp_path):
+    data = write_mmvp(tmp_path)
+    lines = (data / "Questions.csv").read_text().splitlines()
+    lines[2] = lines[2].replace(lines[2].split(",")[2], "a yellow picture")  # pair 1 shows red and green: a tie
+    (data / "Questions.csv").write_text("\n".join(lines) + "\n")
+    official = run_benchmark("mmvp-vlm", PerfectEncoder(), data)
+    pessimistic = run_benchmark("mmvp-vlm", PerfectEncoder(), data, ties="pessimistic")
+    assert official.metrics["Color"] == 100.0 and official.details["ties"] == "official"
+    assert pessimistic.metrics["Color"] == 50.0 and pessimistic.details["ties"] == "pessimistic"
+    # The same tie on the first statement of a pair goes to image 2, so it is wrong either way.
+    lines = (data / "Questions.csv").read_text().splitlines()
+    lines[1] = lines[1].replace(lines[1].split(",")[2], "a yellow picture")
+    (data / "Questions.csv").write_text("\n".join(lines) + "\n")
+    assert run_benchmark("mmvp-vlm", PerfectEncoder(), data).metrics["Color"] == 50.0
+
+
+def test_mmvp_reads_columns_by_position_after_any_header(tmp_path):
+    data = write_mmvp(tmp_path)
+    lines = (data / "Questions.csv").read_text().splitlines()
+    lines[0] = "qid,category,text"  # the official script skips line 1 whatever it says
+    (data / "Questions.csv").write_text("\n".join(lines) + "\n\n")
+    assert run_benchmark("mmvp-vlm", PerfectEncoder(), data).metrics["mean"] == 100.0
+    lines[3] += ",extra"
+    (data / "Questions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BenchDataError, match="line 4: expected 3 columns"):
+        run_benchmark("mmvp-vlm", PerfectEncoder(), data)
+
+
+def test_mmvp_default_instruction_is_the_type_in_lower_case_as_documented(tmp_path):
+    class Recording(PerfectEncoder):
+        seen: set = set()
+
+        def encode_pixels(self, pixels, instruction=""):
+            Recording.seen.add(instruction)
+            return super().encode_pixels(pixels, instruction)
+
+    run_benchmark("mmvp-vlm", Recording(), write_mmvp(tmp_path, patterns=("Color", "Camera Perspective")))
+    assert Recording.seen == {"color", "camera perspective"}
+    assert mmvp.instruction_for("Camera Perspective") == "camera perspective"
+    assert '"Camera Perspective" -> "camera perspective"' in mmvp.__doc__
+    assert mmvp.instruction_for("Color", "what is the {pattern}?") == "what is the color?"
+
+
+# -- CelebA-Attribute: a partial mean says so --------------------------------------------------------------------
+def test_celeba_mean_over_fewer_attributes_says_over_how_many(tmp_path):
+    # With the first 2 test images (bits 001 and 101) only Blue_Channel has two positives.
+    report = run_benchmark("celeba-attribute", PerfectEncoder(), write_celeba(tmp_path), limit=2)
+    assert set(report.metrics) == {"Blue_Channel", "mean over 1 of 3 attributes", "chance mean over 1 of 3 attributes"}
+    assert report.details["attributes_in_mean"] == 1 and report.details["attributes_left_out"] == ["Red_Channel", "Green_Channel"]
+    table = report.table()
+    mean_line = next(line for line in table.splitlines() if line.startswith("mean over 1 of 3 attributes"))
+    assert "21.32" not in mean_line and "13.59" not in mean_line  # no paper figure beside a partial mean
+    assert "note: mean over 1 of 3 attributes: Red_Channel, Green_Channel left out" in table
+    full = run_benchmark("celeba-attribute", PerfectEncoder(), write_celeba(tmp_path / "full"))
+    assert "mean" in full.metrics and full.details["attributes_left_out"] == [] and not full.notes
+
+
+# -- SugarCrepe: unweighted group means and the item-weighted mean -------------------------------------------------
+def test_sugarcrepe_reports_the_item_weighted_mean_beside_the_unweighted_one(tmp_path):
+    data = write_sugarcrepe(tmp_path)
+    records = json.loads((data / "swap_att.json").read_text())
+    for n in ("2", "3"):  # two more swap_att items, both wrong: swap_att is 2 of 4 right
+        records[n] = {**records["0"], "caption": records["0"]["negative_caption"], "negative_caption": records["0"]["caption"]}
+    (data / "swap_att.json").write_text(json.dumps(records))
+    metrics = run_benchmark("sugarcrepe", PerfectEncoder(), data).metrics
+    assert metrics["swap_att"] == 50.0 and metrics["swap"] == 75.0
+    assert metrics["mean"] == pytest.approx((6 * 100 + 50) / 7)  # every subset counts once
+    assert metrics["item-weighted mean"] == pytest.approx((12 + 2) / 16 * 100)  # every item counts once
+
+
+def test_bench_report_takes_everything_after_the_metrics_by_name():
+    from focalsearch.bench.common import BenchReport
+
+    with pytest.raises(TypeError):
+        BenchReport("b", "m", "e", {}, {}, {"items": 1})  # once, a details dict landed in reference_model

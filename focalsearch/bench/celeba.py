@@ -17,7 +17,11 @@ Protocol (ours; the paper's exact protocol is not known to us):
 - metric: mean average precision per attribute, ties ranked pessimistically, and its mean over
   attributes, in percent. "chance" is the mean AP a random ranking gets (the attribute's share of
   the gallery). The paper reports a "scaled mAP" whose definition we do not have, so its reference
-  figures are not directly comparable.
+  figures are not directly comparable;
+- an attribute with fewer than 2 gallery images (as can happen with ``--limit``) has nothing to
+  find and is left out. The means are then named "mean over N of 40 attributes" (and "chance mean
+  over ..."), so that no partial mean stands beside the paper's figure as if it were the full one,
+  and the JSON lists the attributes left out.
 """
 
 from __future__ import annotations
@@ -116,11 +120,15 @@ def run(encoder, data: Path, *, instruction: str | None = None, limit: int | Non
         chance[name] = (len(positives) - 1) / (len(gallery) - 1) * 100
     if not metrics:
         raise BenchDataError(f"{NAME}: no attribute has two gallery images with it; use a larger gallery")
-    metrics["mean"] = mean(metrics.values())
-    metrics["chance mean"] = mean(chance.values())
+    left_out = [n for n in names if n not in metrics]
+    over = f" over {len(metrics)} of {len(names)} attributes" if left_out else ""
+    metrics[f"mean{over}"] = mean(metrics.values())
+    metrics[f"chance mean{over}"] = mean(chance.values())
     reference_model = "CLIP" if encoder.info.encoder != "focallens" else "FocalLens-CLIP"
     reference = {"mean": REFERENCE_BY_MODEL[reference_model]}
     reference.update({f"scaled mAP, 29 attributes ({m})": v for m, v in REFERENCE_BY_MODEL.items()})
-    return BenchReport(NAME, encoder.info.model, encoder.info.encoder, metrics, reference, reference_model,
-                       details={"gallery": len(gallery), "instruction_template": template,
-                                "queries_per_attribute": QUERIES_PER_ATTRIBUTE})
+    details = {"gallery": len(gallery), "instruction_template": template, "queries_per_attribute": QUERIES_PER_ATTRIBUTE,
+               "attributes_in_mean": len(names) - len(left_out), "attributes": len(names), "attributes_left_out": left_out}
+    notes = (f"mean{over}: {', '.join(left_out)} left out (fewer than 2 gallery images); not comparable with the paper's mean",) if left_out else ()
+    return BenchReport(NAME, encoder.info.model, encoder.info.encoder, metrics, reference=reference,
+                       reference_model=reference_model, details=details, notes=notes)

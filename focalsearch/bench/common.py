@@ -1,8 +1,17 @@
 """What every paper benchmark shares: the report, the scoring rules, data errors and batched encoding.
 
-Scoring rules (pinned by tests/test_bench.py):
-- ranks break ties *against* the item being scored, so a constant scorer gets no credit from order;
-- a pairwise choice counts only when the right side scores strictly higher.
+Scoring rules (pinned by tests/test_bench.py). Where a benchmark has official evaluation code, its
+rule is the default, and ``--ties pessimistic`` (GeneCIS, MMVP-VLM) asks for a rule under which a
+tie never earns credit:
+- GeneCIS ranks, "official": candidates are listed target first and sorted by descending score
+  keeping list order among equal scores, so a candidate that ties with the target ranks below it
+  (``stable_rank``); "pessimistic": every other candidate with an equal score ranks above it, so a
+  constant scorer gets no credit from order (``pessimistic_rank``);
+- MMVP-VLM pairs, "official": image 1 is chosen only when it scores strictly higher, so a tie goes
+  to image 2 (right for the second statement, wrong for the first); "pessimistic": a statement is
+  right only when its own image scores strictly higher;
+- SugarCrepe, as its official script: the caption must score strictly above the negative;
+- CelebA-Attribute (no official code): within equal scores, irrelevant images rank first.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +41,11 @@ class BenchReport:
     model: str
     encoder: str
     metrics: dict[str, float]
+    _: KW_ONLY  # the rest by name: a details dict passed by position once landed in reference_model
     reference: dict[str, float | str] = field(default_factory=dict)
     reference_model: str = "FocalLens-CLIP"
     details: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +57,7 @@ class BenchReport:
             "reference_model": self.reference_model,
             "reference_source": REFERENCE_SOURCE,
             **self.details,
+            "notes": list(self.notes),
         }
 
     def write_json(self, path: Path) -> None:
@@ -67,14 +79,37 @@ class BenchReport:
             lines.append(f"paper: {name}: {value}")
         if self.reference:
             lines.append(f"(paper figures: {REFERENCE_SOURCE})")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
 # -- scoring rules -----------------------------------------------------------------------------------
+TIES = ("official", "pessimistic")
+
+
+def check_ties(ties: str) -> str:
+    """The tie rule, or a one-line error naming the choices."""
+    if ties not in TIES:
+        raise UserError(f"unknown tie rule {ties!r}; use one of: {', '.join(TIES)}")
+    return ties
+
+
+def stable_rank(scores: np.ndarray, target: int) -> int:
+    """1-based rank of ``scores[target]`` in a stable descending sort: equal scores keep list order."""
+    scores = np.asarray(scores)
+    return int(np.sum(scores > scores[target]) + np.sum(scores[:target] == scores[target])) + 1
+
+
 def pessimistic_rank(scores: np.ndarray, target: int) -> int:
     """1-based rank of ``scores[target]``; every other candidate with an equal score ranks above it."""
     others = np.delete(scores, target)
     return int(np.sum(others >= scores[target])) + 1
+
+
+def candidate_scores(query: np.ndarray, candidates: Sequence[np.ndarray]) -> np.ndarray:
+    """Dot product of the query with each candidate, one at a time, so that the same vector listed
+    twice scores exactly the same (a matrix product may round its rows differently)."""
+    return np.array([float(np.dot(vector, query)) for vector in candidates])
 
 
 def recall_at_k(ranks: Sequence[int], k: int) -> float:
@@ -212,6 +247,28 @@ def encode_grid(
             grid[row : row + len(chunk)] = encoder.encode_pixels(pixels, instruction)
         row += len(chunk)
     return {i: grids["" if encoder.info.encoder == "clip" else i] for i in instructions}
+
+
+def encode_raw_images(
+    encoder,
+    keys: list[Hashable],
+    load: Callable[[Hashable], object],
+    *,
+    progress: bool = False,
+    desc: str = "encoding",
+    workers: int = 8,
+) -> dict[Hashable, np.ndarray]:
+    """Plain CLIP image embeddings *before* L2 normalisation, one per key, each image decoded once."""
+    vectors: dict[Hashable, np.ndarray] = {}
+    for chunk, pixels in _decoded_batches(encoder, list(dict.fromkeys(keys)), load, progress, desc, workers):
+        vectors.update(zip(chunk, encoder.raw_image_features(pixels)))
+    return vectors
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def limit_records(records: list, limit: int | None) -> list:

@@ -5,9 +5,13 @@ Data, the official release (github.com/RAIVNLab/sugar-crepe, data/):
     DIR/coco/val2017/<filename>
 Each file is a dict keyed by index: {"filename", "caption", "negative_caption"}.
 
-Protocol, as the official script: an item is right when the image scores the caption strictly above
-the negative. Accuracy per subset, per group (the mean of its subsets: replace, swap, add) and the
-mean over the seven subsets, in percent.
+Protocol, as the official script (main_eval.py): an item is right when the image scores the caption
+strictly above the negative (``pos_score > neg_score``), and a subset's accuracy is the share of its
+items that are right. The official script reports only the seven subset accuracies; beside them we
+report, in percent:
+- per group (replace, swap, add) and "mean" over the seven subsets: *unweighted* means of subset
+  accuracies, so a small subset (swap_obj, 245 items) counts as much as a large one (add_obj, 2,062);
+- "item-weighted mean": the share of all items that are right, every item counting once.
 
 The image is encoded under an instruction: by default one word per subset kind (objects, attributes,
 relations), our choice since the paper's prompt is not known to us; ``--instruction`` sets one
@@ -53,6 +57,12 @@ def read_subset(data: Path, subset: str, limit: int | None = None) -> list[dict]
     return limit_records(items, limit)
 
 
+def item_weighted_mean(accuracies: dict[str, float], counts: dict[str, int]) -> float:
+    """Accuracy over all items pooled: subset accuracies weighted by their item counts."""
+    total = sum(counts[s] for s in accuracies)
+    return sum(accuracies[s] * counts[s] for s in accuracies) / total if total else 0.0
+
+
 def run(encoder, data: Path, *, instruction: str | None = None, limit: int | None = None, progress: bool = False) -> BenchReport:
     """Accuracy per subset, per group and the mean."""
     subsets = {subset: read_subset(data, subset, limit) for subset in SUBSETS}
@@ -76,5 +86,6 @@ def run(encoder, data: Path, *, instruction: str | None = None, limit: int | Non
     for group, members in GROUPS.items():
         metrics[group] = mean(metrics[s] for s in members)
     metrics["mean"] = mean(metrics[s] for s in SUBSETS)
-    return BenchReport(NAME, encoder.info.model, encoder.info.encoder, metrics, dict(REFERENCE),
-                       details={"items": {s: len(v) for s, v in subsets.items()}})
+    counts = {s: len(v) for s, v in subsets.items()}
+    metrics["item-weighted mean"] = item_weighted_mean({s: metrics[s] for s in SUBSETS}, counts)
+    return BenchReport(NAME, encoder.info.model, encoder.info.encoder, metrics, reference=dict(REFERENCE), details={"items": counts})

@@ -230,6 +230,27 @@ class ConditionalEncoder:
         ]
         return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, self.info.dim), np.float32)
 
+    # -- unnormalised features: GeneCIS's official image+text baseline averages these -----------
+    @torch.inference_mode()
+    def raw_image_features(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Plain CLIP image embeddings of a preprocessed batch, before L2 normalisation (no instruction)."""
+        self._require("vision")
+        pixels = pixel_values.to(self.device, dtype=self.dtype)
+        with self._autocast():
+            features = self._image_features(pixels)
+        return features.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def raw_text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """Plain CLIP text embeddings, before L2 normalisation."""
+        tokens = self._tokenize(texts)
+        with self._autocast():
+            if self.towers == "text":
+                features = self.model(**tokens).text_embeds
+            else:
+                features = self.model.get_text_features(**tokens).pooler_output
+        return features.float().cpu().numpy()
+
 
 def create_encoder(
     model: str | None = None,
