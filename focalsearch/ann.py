@@ -351,6 +351,15 @@ def save_index(ann: AnnIndex, path: Path, meta: dict) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def read_meta(path: Path) -> dict | None:
+    """The `meta` saved with the index at `path`, from its sidecar alone (the index is not read)."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _read_faiss(path: Path, kind: str, mmap: bool) -> faiss.Index:
     flags = []
     if mmap:

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import shlex
+import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from focalsearch.errors import IndexBusyError, ModelMismatchError, UnknownConditionError, UserError
+from focalsearch.errors import (
+    DamagedIndexError,
+    EmptyConditionError,
+    IndexBusyError,
+    InvalidImageError,
+    ModelMismatchError,
+    ReadOnlyIndexError,
+    UnknownConditionError,
+    UserError,
+)
 from focalsearch.images import DEFAULT_MAX_PIXELS, open_query_image
 from focalsearch.defaults import DEFAULT_INDEX_DIR, PRECISIONS
-from focalsearch.store import Condition, Store
+from focalsearch.store import Condition, Store, is_index, quote_instruction, repair_hint
 
 _ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
 
@@ -24,10 +36,12 @@ class ConditionSummary:
     model: str
     encoder: str
     dim: int
-    rows: int
+    rows: int | None  # None when the table cannot be read
     created_at: str
     updated_at: str
     table: str
+    bytes: int  # on disk: live data plus table versions not yet cleaned up
+    damaged: str | None = None  # what is wrong, for a condition that needs `focalsearch check --repair`
 
 
 @dataclass(frozen=True)
@@ -50,10 +64,6 @@ class SearchResult:
         }
 
 
-def _quote(instruction: str) -> str:
-    return f'"{instruction}"' if instruction else '"" (unconditional)'
-
-
 class FocalSearch:
     """Index image folders under instructions and search them by image or text.
 
@@ -73,6 +83,7 @@ class FocalSearch:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         commit_seconds: float = 5.0,
         precision: str = "auto",
+        threads: int | None = None,
     ):
         if encoder not in _ENCODER_NAMES:
             raise UserError(f"unknown encoder {encoder!r}; use one of: {', '.join(_ENCODER_NAMES)}")
@@ -91,6 +102,7 @@ class FocalSearch:
         self.max_pixels = max_pixels
         self.commit_seconds = commit_seconds
         self.precision = precision
+        self.threads = threads
         self._encoders: dict[str, object] = {}  # by towers loaded: "both", "text", "vision"
         self._store: Store | None = None
 
@@ -125,10 +137,12 @@ class FocalSearch:
     def _load_encoder(self, recorded: tuple[str, str] | None, towers: str = "both"):
         """Load the encoder (once per towers), checking that it matches what the index was built with."""
         from focalsearch.models import create_encoder
+        from focalsearch.threads import configure_threads
 
         model, encoder = self._check_recorded(recorded)
         loaded = self._encoders.get("both") or self._encoders.get(towers)
         if loaded is None:
+            configure_threads(self.threads)
             loaded = self._encoders[towers] = create_encoder(
                 model, encoder=encoder, device=self.device, batch_size=self.batch_size, towers=towers,
                 precision=self.precision,
@@ -137,7 +151,14 @@ class FocalSearch:
 
     @contextmanager
     def _write_lock(self, store: Store) -> Iterator[None]:
-        handle = open(store.root / ".lock", "w")
+        try:
+            handle = open(store.root / ".lock", "a")
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ReadOnlyIndexError(
+                    f"index {store.root} is read-only ({exc.strerror}); queries work, but indexing needs write access"
+                ) from None
+            raise
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,9 +174,7 @@ class FocalSearch:
 
         Unchanged files are skipped, changed files re-encoded, vanished files removed.
         """
-        from focalsearch.indexer import Indexer
         from focalsearch.instructions import normalize_instruction
-        from focalsearch.search import load_condition_index
 
         if not paths:
             raise UserError("give at least one image file or folder to index")
@@ -163,36 +182,90 @@ class FocalSearch:
         if missing:
             raise UserError(f"path not found: {missing[0]}")
         wanted = list(dict.fromkeys(normalize_instruction(i) for i in (instructions or [""])))
+        existed = is_index(self.index_dir.expanduser().resolve())
+        if not existed:  # load the model before creating anything, so a bad model leaves no folder behind
+            self._check_recorded(None)
+            self._load_encoder(None)
         store = self._open_store(create=True)
-        with self._write_lock(store):
-            recorded = self._index_model(store)
-            self._check_recorded(recorded)
-            if recorded is None or any(store.find(i) is None for i in wanted):
-                info = self._load_encoder(recorded).info
-                conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
-            else:
-                conditions = [store.find(i) for i in wanted]
-            indexer = Indexer(
-                store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
-                max_pixels=self.max_pixels, progress=progress, encoder=self._encoders.get("both"),
-                commit_seconds=self.commit_seconds,
-            )
-            report = indexer.run(paths, conditions)
-            for condition in conditions:
-                load_condition_index(store, condition)  # rebuilds the derived FAISS index if the table changed
+        try:
+            with self._write_lock(store):
+                report = self._index_locked(store, paths, wanted, progress)
+        except BaseException:
+            if not existed:
+                _remove_unborn_index(store)
+            raise
+        return report
+
+    def _index_locked(self, store: Store, paths, wanted: list[str], progress: bool):
+        from focalsearch.indexer import Indexer
+        from focalsearch.search import load_condition_index
+
+        recorded = self._index_model(store)
+        self._check_recorded(recorded)
+        for instruction in wanted:
+            existing = store.find(instruction)
+            health = store.health(existing) if existing is not None else None
+            if health is not None and not health.ok:
+                raise DamagedIndexError(
+                    f"condition {quote_instruction(instruction)} is damaged ({health.problem}); {repair_hint(store.root)}"
+                )
+        if recorded is None or any(store.find(i) is None for i in wanted):
+            info = self._load_encoder(recorded).info
+            conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
+        else:
+            conditions = [store.find(i) for i in wanted]
+        indexer = Indexer(
+            store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
+            max_pixels=self.max_pixels, progress=progress, encoder=self._encoders.get("both"),
+            commit_seconds=self.commit_seconds,
+        )
+        report = indexer.run(paths, conditions)
+        for condition in conditions:
+            load_condition_index(store, condition)  # rebuilds the derived FAISS index if the table changed
         return report
 
     def conditions(self) -> list[ConditionSummary]:
-        """Every condition in the index with its model, encoder and row count."""
+        """Every condition in the index with its model, encoder, row count and size on disk.
+
+        A condition whose table cannot be read is listed with ``damaged`` saying why.
+        """
         store = self._open_store()
-        return [
-            ConditionSummary(
-                instruction=c.instruction, model=c.model, encoder=c.encoder, dim=c.dim,
-                rows=store.count(c), created_at=c.created_at.isoformat(timespec="seconds"),
+        summaries = []
+        for c in store.conditions():
+            health = store.health(c)
+            summaries.append(ConditionSummary(
+                instruction=c.instruction, model=c.model, encoder=c.encoder, dim=c.dim, rows=health.rows,
+                created_at=c.created_at.isoformat(timespec="seconds"),
                 updated_at=c.updated_at.isoformat(timespec="seconds"), table=c.table,
-            )
-            for c in store.conditions()
-        ]
+                bytes=health.bytes, damaged=health.problem,
+            ))
+        return summaries
+
+    def check(self, *, repair: bool = False):
+        """Read every table of the index and compare it with the catalog and FAISS files; returns a
+        CheckReport. ``repair`` re-encodes damaged conditions from their source images, rebuilds a
+        lost catalog from the tables and refreshes stale FAISS files."""
+        from focalsearch.check import check_index
+        from focalsearch.indexer import Indexer
+
+        store = self._open_store()
+
+        def reindex(condition: Condition, sources: list[Path]) -> None:
+            recorded = (condition.model, condition.encoder)
+            Indexer(
+                store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
+                max_pixels=self.max_pixels, commit_seconds=self.commit_seconds,
+            ).run(sources, [condition])
+
+        if repair:
+            with self._write_lock(store):
+                return check_index(store, repair=True, reindex=reindex)
+        with ExitStack() as stack:
+            try:  # keeps an indexer from writing while the tables are read
+                stack.enter_context(self._write_lock(store))
+            except ReadOnlyIndexError:
+                pass  # nothing can write to a read-only index anyway
+            return check_index(store)
 
     def condition(self, instruction: str) -> Condition:
         """The indexed condition for an instruction, or an error naming the ones there are."""
@@ -203,10 +276,10 @@ class FocalSearch:
         found = store.find(wanted)
         if found is not None:
             return found
-        known = ", ".join(_quote(c.instruction) for c in store.conditions()) or "none"
+        known = ", ".join(quote_instruction(c.instruction) for c in store.conditions()) or "none"
         raise UnknownConditionError(
-            f"instruction {_quote(wanted)} is not indexed in {store.root} (indexed: {known}); add it with: "
-            f"focalsearch index PATH --instruction \"{wanted}\" --index {store.root}"
+            f"instruction {quote_instruction(wanted)} is not indexed in {store.root} (indexed: {known}); add it with: "
+            f"focalsearch index PATH --instruction {shlex.quote(wanted)} --index {shlex.quote(str(store.root))}"
         )
 
     def search(
@@ -223,19 +296,44 @@ class FocalSearch:
 
         if (image is None) == (text is None):
             raise UserError("give either a query image or --text, not both or neither")
+        if text is not None and not text.strip():
+            raise UserError("empty text query; give some words with --text")
         if k < 1:
             raise UserError("-k must be at least 1")
+        if image is not None and not Path(image).expanduser().exists():
+            raise InvalidImageError(f"cannot read query image {image}: file not found")
         store = self._open_store()
         condition = self.condition(instruction)
-        query_image = open_query_image(image, max_pixels=self.max_pixels) if image is not None else None
-        towers = needed_towers(condition.encoder, condition.instruction, image_query=query_image is not None)
+        if store.count(condition) == 0:
+            raise EmptyConditionError(
+                f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
+                f"--instruction {shlex.quote(condition.instruction)} --index {shlex.quote(str(store.root))}"
+            )
+        index = load_condition_index(store, condition)  # before the model: a damaged table fails fast
+        towers = needed_towers(condition.encoder, condition.instruction, image_query=image is not None)
         encoder = self._load_encoder((condition.model, condition.encoder), towers)
-        if query_image is not None:
+        if image is not None:
+            # Decoded as indexing decodes: a large JPEG at reduced size, never more than the model needs.
+            query_image = open_query_image(image, max_pixels=self.max_pixels, min_side=encoder.min_decode_side)
             vector = encoder.encode_images([query_image.image], condition.instruction)[0]
             exclude, query = str(query_image.stat.path), str(image)
         else:
             vector = encoder.encode_texts([text])[0]
             exclude, query = None, text
-        hits = search_index(load_condition_index(store, condition), vector, k, exclude=exclude)
+        hits = search_index(index, vector, k, exclude=exclude)
         return SearchResult(query, condition.instruction, condition.model, condition.encoder, hits)
 
+
+def _remove_unborn_index(store: Store) -> None:
+    """After a failed first run, remove what it created, unless some condition was already written."""
+    try:
+        if store.conditions():
+            return
+    except Exception:
+        pass
+    if store.created:
+        shutil.rmtree(store.root, ignore_errors=True)
+        return
+    for name in ("lancedb", "faiss"):
+        shutil.rmtree(store.root / name, ignore_errors=True)
+    (store.root / ".lock").unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,10 +20,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: Rich's panels print flags as "--json <bool>"
 )
-model_app = typer.Typer(help="Create and inspect FocalLens-CLIP checkpoints.", no_args_is_help=True)
+model_app = typer.Typer(help="Create and inspect FocalLens-CLIP checkpoints.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(model_app, name="model")
-synth_app = typer.Typer(help="Generate procedural image worlds.", no_args_is_help=True)
+synth_app = typer.Typer(help="Generate procedural image worlds.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(synth_app, name="synth")
 
 IndexDir = Annotated[Path, typer.Option("--index", help="Index folder.")]
@@ -39,6 +41,14 @@ PrecisionOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads", min=1, envvar="FOCALSEARCH_THREADS",
+        help="CPU threads for the model (default: the cores this process may use). Idle threads sleep rather than spin, "
+        "so a busy machine stays usable.",
+    ),
+]
 _SKIPPED_SHOWN = 20
 
 
@@ -48,12 +58,15 @@ def _fail(message: str, code: int) -> None:
 
 
 def _quiet_libraries() -> None:
-    # Loading and saving checkpoints prints progress bars and notices that are noise on a CLI.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    from focalsearch.models.loading import quiet_transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
+
+
+def _set_threads(threads: int | None) -> None:
+    from focalsearch.threads import configure_threads
+
+    configure_threads(threads)
 
 
 _RESUMABLE = "interrupted; committed batches are kept, rerun the same command to resume"
@@ -92,11 +105,13 @@ def index(
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip images with more pixels (decompression-bomb limit).")] = 178_956_970,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode the images under PATHS for each instruction into the index (incremental)."""
     from focalsearch.api import FocalSearch
 
+    _set_threads(threads)
     _quiet_libraries()
     def go():
         engine = FocalSearch(
@@ -141,12 +156,14 @@ def query(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
     paths_only: Annotated[bool, typer.Option("--paths-only", help="Print only result paths, one per line.")] = False,
 ) -> None:
     """Search the index by an image or a text under an instruction."""
     from focalsearch.api import FocalSearch
 
+    _set_threads(threads)
     _quiet_libraries()
     def go():
         engine = FocalSearch(index_dir, model, device=device, precision=precision)
@@ -178,7 +195,49 @@ def conditions(index_dir: IndexDir = DEFAULT_INDEX, as_json: JsonOpt = False) ->
     if not summaries:
         typer.echo(f"no conditions in {index_dir}")
     for s in summaries:
-        typer.echo(f"{_label(s.instruction):<30} {s.rows:>8} rows  {s.encoder:<10} {s.model}  updated {s.updated_at}")
+        rows = f"{s.rows:>8} rows" if s.rows is not None else f"{'?':>8} rows"
+        line = f"{_label(s.instruction):<30} {rows}  {s.encoder:<10} {s.model}  updated {s.updated_at}  {_mib(s.bytes)}"
+        typer.echo(line + (f"  DAMAGED: {s.damaged}" if s.damaged else ""))
+    damaged = [s for s in summaries if s.damaged]
+    if damaged:
+        typer.echo(f"{len(damaged)} damaged condition(s); run: focalsearch check --repair --index {shlex.quote(str(index_dir))}", err=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB on disk"
+
+
+@app.command()
+def check(
+    index_dir: IndexDir = DEFAULT_INDEX,
+    repair: Annotated[bool, typer.Option("--repair", help="Re-encode damaged conditions from their images, rebuild a lost catalog and stale FAISS files.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every table of the index and compare it with the catalog and FAISS files (like git fsck)."""
+    from focalsearch.api import FocalSearch
+
+    _set_threads(threads)
+    report = _run(lambda: FocalSearch(index_dir, device=device, precision=precision).check(repair=repair))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        typer.echo(f"index {report.index}: catalog {report.catalog}" + (f" ({report.catalog_problem})" if report.catalog_problem else ""))
+        for c in report.conditions:
+            rows = "?" if c.rows is None else c.rows
+            typer.echo(f"{_label(c.instruction):<30} {c.status:<12} {rows!s:>8} rows  version {c.version}  faiss {c.faiss}  {_mib(c.bytes)}")
+            for line in c.problems:
+                typer.echo(f"  problem: {line}")
+            for line in c.actions:
+                typer.echo(f"  {line}")
+        for table in report.orphan_tables:
+            typer.echo(f"table {table}: not in the catalog and does not say which condition it holds; left alone")
+    if not report.ok:
+        hint = "" if repair else f"; run: focalsearch check --repair --index {shlex.quote(str(index_dir))}"
+        bad = sum(c.status not in ("ok", "repaired") for c in report.conditions) + (report.catalog == "damaged")
+        _fail(f"{bad} problem(s) left in {report.index}{hint}", 2)
 
 
 @model_app.command("init")
@@ -225,8 +284,10 @@ def train(
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
     resolution: Annotated[int, typer.Option(min=8, help="ColorShape image size.")] = 64,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Contrastively train a checkpoint: instruction tuning (FocalLens) or caption training (CLIP)."""
+    _set_threads(threads)
     _quiet_libraries()
     from focalsearch.train.data import ColorShapeSource, LlavaSource, read_llava_json
     from focalsearch.train.loop import TrainOptions, train as run_training
@@ -264,6 +325,7 @@ def bench(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N records per file (a quick check).")] = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     ties: Annotated[
         Optional[str],
@@ -279,6 +341,7 @@ def bench(
 
     if name not in BENCHMARKS:
         _fail(f"unknown benchmark {name!r}; use one of: {', '.join(BENCHMARKS)}", 2)
+    _set_threads(threads)
     _quiet_libraries()
 
     def go():

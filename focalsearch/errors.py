@@ -40,4 +40,24 @@ class IndexBusyError(UserError):
 
 
 class StorageError(FocalSearchError):
-    """Writing to the index failed (for example a full disk); committed rows are kept."""
+    """Writing to the index failed; committed rows are kept."""
+
+
+class DiskFullError(StorageError):
+    """The index's device is full (exit code 2: the user frees space and reruns)."""
+
+    exit_code = 2
+
+
+class ReadOnlyIndexError(StorageError):
+    """The index folder cannot be written to (permissions or a read-only mount)."""
+
+    exit_code = 2
+
+
+class DamagedIndexError(UserError):
+    """A condition's table (or the catalog) cannot be read; `focalsearch check --repair` mends it."""
+
+
+class EmptyConditionError(UserError):
+    """A query named a condition that has no rows yet."""

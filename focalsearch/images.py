@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
-import logging
 import os
 import stat as stat_mod
 import threading
@@ -19,8 +19,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from focalsearch.errors import InvalidImageError, UserError
-
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -77,38 +75,62 @@ def stat_file(path: Path) -> FileStat:
     return FileStat(path=resolved, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
-def _walk(root: Path, visited: set[tuple[int, int]]) -> Iterator[Path]:
-    """Yield image files under ``root``, skipping hidden entries; ``visited`` breaks symlink loops."""
+def _walk(root: Path, visited: set[tuple[int, int]], skipped: list[SkippedImage]) -> Iterator[Path]:
+    """Yield image files under ``root``, skipping hidden entries; ``visited`` breaks symlink loops.
+
+    What cannot be scanned (an unreadable folder, a symlink loop, a broken symlink named like an
+    image) is appended to ``skipped`` with its reason.
+    """
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             st = folder.stat()
             if (st.st_dev, st.st_ino) in visited:
-                continue
+                real = _resolve(folder)
+                if folder.is_symlink() and _resolve(folder.parent).is_relative_to(real):
+                    skipped.append(SkippedImage(folder, f"symlink loop: points back to {real}"))
+                continue  # a second way into a folder already scanned: its files are indexed once
             visited.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as it:
                 entries = list(it)
         except OSError as exc:
-            logger.warning("skipping unreadable folder %s: %s", folder, exc.strerror or exc)
+            skipped.append(SkippedImage(folder, f"unreadable folder: {_os_reason(exc)}"))
             continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            path = Path(entry.path)
+            is_image_name = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
             try:
                 if entry.is_dir():
-                    stack.append(Path(entry.path))
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    yield Path(entry.path)
-            except OSError:  # e.g. a self-referencing symlink (ELOOP)
-                continue
+                    stack.append(path)
+                elif entry.is_file():
+                    if is_image_name:
+                        yield path
+                elif entry.is_symlink():  # is_dir and is_file are both False for a broken or looping link
+                    os.stat(path)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    skipped.append(SkippedImage(path, "symlink loop"))
+                elif isinstance(exc, FileNotFoundError):
+                    if is_image_name:
+                        skipped.append(SkippedImage(path, "broken symlink: its target does not exist"))
+                else:
+                    skipped.append(SkippedImage(path, f"unreadable: {_os_reason(exc)}"))
 
 
-def scan_images(paths: Iterable[str | Path]) -> list[FileStat]:
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or _one_line(exc)
+
+
+def scan_images(paths: Iterable[str | Path], skipped: list[SkippedImage] | None = None) -> list[FileStat]:
     """Image files from files and (recursively) folders, deduplicated and sorted by path.
 
+    What could not be scanned is appended to ``skipped`` with its reason, when given.
     Raises UserError if a given path does not exist.
     """
+    skipped = skipped if skipped is not None else []
     found: dict[Path, FileStat] = {}
     visited: set[tuple[int, int]] = set()
     for raw in paths:
@@ -116,11 +138,12 @@ def scan_images(paths: Iterable[str | Path]) -> list[FileStat]:
         if not root.exists():
             raise UserError(f"path not found: {raw}")
         # An explicitly named file is kept whatever its extension: the user asked for it.
-        candidates = _walk(root, visited) if root.is_dir() else iter([root])
+        candidates = _walk(root, visited, skipped) if root.is_dir() else iter([root])
         for candidate in candidates:
             try:
                 st = stat_file(candidate)
-            except OSError:  # vanished or became unreadable while scanning
+            except OSError as exc:  # vanished or became unreadable while scanning
+                skipped.append(SkippedImage(candidate, f"unreadable: {_os_reason(exc)}"))
                 continue
             found.setdefault(st.path, st)
     return sorted(found.values(), key=lambda s: s.path)
@@ -245,9 +268,12 @@ def load_image(
     return LoadedImage(file_stat, rgb, width, height, content_hash)
 
 
-def open_query_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Like load_image, but raise InvalidImageError for anything that is not a usable image."""
-    result = load_image(path, max_pixels=max_pixels)
+def open_query_image(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> LoadedImage:
+    """Like load_image (with the same reduced JPEG decode), but raise InvalidImageError for anything
+    that is not a usable image."""
+    result = load_image(path, max_pixels=max_pixels, min_side=min_side)
     if isinstance(result, SkippedImage):
         raise InvalidImageError(f"cannot read query image {path}: {result.reason}")
     return result

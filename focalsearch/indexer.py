@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from focalsearch.errors import StorageError
 from focalsearch.images import DEFAULT_MAX_PIXELS, FileStat, LoadedImage, SkippedImage, load_image, scan_images
-from focalsearch.store import Condition, FileRecord, Store, row_id
+from focalsearch.store import VERSION_GRACE_SECONDS, Condition, FileRecord, Store, row_id
 
 if TYPE_CHECKING:  # torch is imported only once something needs encoding
     import numpy as np
@@ -158,7 +158,7 @@ class Indexer:
             raise ValueError("no conditions to index")
         report = IndexReport(model=conditions[0].model, encoder=conditions[0].encoder)
         started = time.perf_counter()
-        files = scan_images(paths)
+        files = scan_images(paths, report.skipped)
         roots = [Path(p).expanduser().resolve() for p in paths]
         records = {c.table: self.store.file_records(c) for c in conditions}
         versions = {c.table: self.store.version(c) for c in conditions}
@@ -199,14 +199,30 @@ class Indexer:
             raise
         finally:
             # Record what was committed, also when interrupted; compaction can wait for a full run.
+            changed = [c for c in conditions if self.store.version(c) != versions[c.table]]
+            if completed and changed:
+                self._compact(changed)
             for condition in conditions:
-                if self.store.version(condition) != versions[condition.table]:
-                    if completed:
-                        self.store.compact(condition)
-                    self.store.mark_updated(condition)
+                recorded = set(condition.roots) >= {str(r) for r in roots} and condition.rows is not None
+                if condition in changed or not recorded:
+                    self.store.mark_updated(condition, roots=[str(r) for r in roots])
                 report.conditions[condition.instruction] = self.store.count(condition)
+            if completed and changed:
+                self.store.tidy_catalog()
             report.seconds = time.perf_counter() - started
         return report
+
+    def _compact(self, conditions: Sequence[Condition]) -> None:
+        """Merge the run's small fragments, then delete the versions they superseded.
+
+        A reader that opened an older version a moment ago may still be reading its files, so the
+        cleanup waits until the compaction is VERSION_GRACE_SECONDS old.
+        """
+        for condition in conditions:
+            self.store.compact(condition)
+        time.sleep(VERSION_GRACE_SECONDS)
+        for condition in conditions:
+            self.store.cleanup_versions(condition, VERSION_GRACE_SECONDS)
 
     @property
     def encoder(self) -> "ConditionalEncoder":

@@ -5,6 +5,7 @@ Glue between the store (LanceDB) and ann (FAISS); neither of them knows the othe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pyarrow.ipc
 
 from focalsearch import ann
 from focalsearch.store import Condition, Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class ConditionIndex:
     table_version: int
 
 
-def _files(store: Store, condition: Condition) -> tuple[Path, Path]:
+def faiss_files(store: Store, condition: Condition) -> tuple[Path, Path]:
+    """Where a condition's FAISS index and the paths of its positions are kept."""
     folder = store.root / "faiss"
     return folder / f"{condition.table}.faiss", folder / f"{condition.table}.paths.arrow"
 
@@ -57,27 +61,40 @@ def _write_paths(path: Path, paths: pa.Array) -> None:
 
 def build_condition_index(store: Store, condition: Condition, *, exact_max_rows: int = ann.EXACT_MAX_ROWS) -> ConditionIndex:
     """Build the FAISS index from the table and persist it beside the table."""
+    files = store.data_files(condition)
     version, paths, vectors = store.snapshot(condition)
     index = ann.build_index(vectors, exact_max_rows=exact_max_rows)
-    index_file, paths_file = _files(store, condition)
+    index_file, paths_file = faiss_files(store, condition)
+    meta = {"table": condition.table, "table_version": version, "rows": len(paths), "data_files": files}
     try:
         index_file.parent.mkdir(parents=True, exist_ok=True)
         _write_paths(paths_file, paths)
-        ann.save_index(index, index_file, {"table": condition.table, "table_version": version, "rows": len(paths)})
-    except OSError:
-        pass  # derived data: an unwritable index folder costs a rebuild next time, nothing more
+        ann.save_index(index, index_file, meta)
+    except Exception as exc:  # FAISS raises RuntimeError for a full disk
+        # Derived data: a read-only or full index folder costs a rebuild next time, nothing more.
+        log.info("not saving the FAISS index of %s: %s", condition.table, exc)
     return ConditionIndex(ann.to_gpu_if_available(index), paths, version)
+
+
+def data_unchanged(recorded: dict | None, current: dict) -> bool:
+    """Every data file the index was built from is still there, the same size and age.
+
+    New files are allowed (a new table version then says the index is stale); a missing, truncated
+    or rewritten one means the table's data is not what the index was built from.
+    """
+    return isinstance(recorded, dict) and all(current.get(name) == list(stat) for name, stat in recorded.items())
 
 
 def load_condition_index(store: Store, condition: Condition, **build_options) -> ConditionIndex:
     """The condition's FAISS index, rebuilt from the table when missing, broken or stale."""
-    index_file, paths_file = _files(store, condition)
+    index_file, paths_file = faiss_files(store, condition)
     loaded = ann.load_index(index_file)
     version = store.version(condition)
     if loaded is not None:
         index, meta = loaded
         paths = _read_paths(paths_file)
         fresh = meta.get("table") == condition.table and meta.get("table_version") == version
+        fresh = fresh and data_unchanged(meta.get("data_files"), store.data_files(condition))
         if fresh and paths is not None and len(paths) == index.ntotal == meta.get("rows"):
             return ConditionIndex(ann.to_gpu_if_available(index), paths, version)
     return build_condition_index(store, condition, **build_options)

@@ -8,7 +8,12 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import json
+import os
 import re
+import shlex
+import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from focalsearch.defaults import DEFAULT_INDEX_DIR  # noqa: F401  (re-exported)
-from focalsearch.errors import IndexNotFoundError, StorageError
+from focalsearch.errors import (
+    DamagedIndexError,
+    DiskFullError,
+    IndexNotFoundError,
+    ReadOnlyIndexError,
+    StorageError,
+    UserError,
+)
 
 CATALOG_TABLE = "conditions"
 
@@ -32,8 +44,16 @@ _CATALOG_SCHEMA = pa.schema(
         pa.field("dim", pa.int32(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # Added later (older catalogs lack them and are migrated on their next write):
+        pa.field("roots", pa.string()),  # JSON list of the folders and files indexed, for --repair
+        pa.field("rows", pa.int64()),  # the table's rows and version when the catalog was last written
+        pa.field("table_version", pa.int64()),
     ]
 )
+# A table keeps its own condition in its schema metadata, so a lost catalog can be rebuilt from the tables.
+CONDITION_METADATA_KEY = b"focalsearch.condition"
+# Old table versions are deleted once this old: a reader that opened one a moment ago may still be reading.
+VERSION_GRACE_SECONDS = float(os.environ.get("FOCALSEARCH_VERSION_GRACE_SECONDS", "2"))
 FILE_COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "width", "height")
 
 # LanceDB's default caches keep the metadata of every table version a process has seen, so the
@@ -43,7 +63,7 @@ METADATA_CACHE_BYTES = 64 << 20
 INDEX_CACHE_BYTES = 64 << 20
 
 
-def row_schema(dim: int) -> pa.Schema:
+def row_schema(dim: int, metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     """Schema of a condition table with vectors of ``dim`` float32."""
     return pa.schema(
         [
@@ -55,7 +75,8 @@ def row_schema(dim: int) -> pa.Schema:
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             pa.field("vector", pa.list_(pa.float32(), dim)),
-        ]
+        ],
+        metadata=metadata,
     )
 
 
@@ -82,6 +103,34 @@ class Condition:
     dim: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    roots: tuple[str, ...] = ()
+    rows: int | None = None
+    table_version: int | None = None
+
+    def catalog_row(self) -> dict:
+        row = dict(self.__dict__)
+        row["roots"] = json.dumps(list(self.roots))
+        return row
+
+    @classmethod
+    def from_catalog_row(cls, row: dict) -> "Condition":
+        row = {k: v for k, v in row.items() if k in cls.__dataclass_fields__}
+        row["roots"] = tuple(json.loads(row.get("roots") or "[]"))
+        return cls(**row)
+
+
+@dataclass(frozen=True)
+class TableHealth:
+    """What a look at a condition's table found: rows and version, or the problem."""
+
+    rows: int | None
+    version: int | None
+    bytes: int
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
 
 
 @dataclass(frozen=True)
@@ -101,19 +150,70 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _storage_error(exc: OSError, root: Path) -> StorageError:
-    if exc.errno == errno.ENOSPC or "No space left" in str(exc):
-        return StorageError(f"no space left on the device of {root}; committed rows are kept, free space and rerun")
-    return StorageError(f"cannot write the index at {root}: {' '.join(str(exc).split())[:200]}")
+def short_error(exc: BaseException) -> str:
+    """One line of an exception's message, without the Rust source paths that LanceDB appends."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r",?\s*/rustc/\S+", "", text)
+    text = re.sub(r",?\s*\S+\.rs:\d+:\d+", "", text)
+    return text[:200] or type(exc).__name__
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _storage_error(exc: BaseException, root: Path) -> StorageError:
+    # LanceDB and FAISS raise RuntimeError with the OS error in the text, so match both ways.
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code in _NO_SPACE or "No space left" in text or "Disk quota exceeded" in text:
+        return DiskFullError(f"no space left on the device of {root}; committed rows are kept, free space and rerun")
+    if code in _READ_ONLY or "Permission denied" in text or "Read-only file system" in text:
+        return ReadOnlyIndexError(f"index {root} is read-only ({short_error(exc)}); make it writable or use another --index")
+    return StorageError(f"cannot write the index at {root}: {short_error(exc)}")
 
 
 @contextmanager
 def _storage_errors(root: Path) -> Iterator[None]:
-    """Report an OSError while writing the index at ``root`` as one clear StorageError."""
+    """Report a failed write to the index at ``root`` (OS, LanceDB or FAISS) as one clear StorageError."""
     try:
         yield
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         raise _storage_error(exc, root) from exc
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))
+
+
+def repair_hint(root: Path) -> str:
+    """The command that mends a damaged index, ready to paste."""
+    return f"run: focalsearch check --repair --index {_q(root)}"
+
+
+def quote_instruction(instruction: str) -> str:
+    """An instruction as error messages show it: quoted, and cut to 200 characters."""
+    shown = instruction if len(instruction) <= 200 else instruction[:200] + "..."
+    return f'"{shown}"' if instruction else '"" (unconditional)'
+
+
+@contextmanager
+def _read_errors(root: Path, what: str) -> Iterator[None]:
+    """Report a failed read of ``what`` (a condition or the catalog) as damage, with the way to mend it."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise UserError(f"cannot read the index at {root}: {short_error(exc)}") from exc
+    except (OSError, RuntimeError, ValueError, pa.ArrowException) as exc:
+        raise DamagedIndexError(f"{what} is damaged ({short_error(exc)}); {repair_hint(root)}") from exc
+
+
+def _optimize(table, cleanup_seconds: float) -> None:
+    """Compact a table and delete its versions older than ``cleanup_seconds``."""
+    with warnings.catch_warnings():
+        # LanceDB warns about a zero grace period, which only tests use (FOCALSEARCH_VERSION_GRACE_SECONDS=0).
+        warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
+        table.optimize(cleanup_older_than=dt.timedelta(seconds=cleanup_seconds))
 
 
 def _sql_list(values: Iterable[str]) -> str:
@@ -121,36 +221,65 @@ def _sql_list(values: Iterable[str]) -> str:
 
 
 class Store:
-    """A folder holding one LanceDB database: the catalog plus one table per condition."""
+    """A folder holding one LanceDB database: the catalog plus one table per condition.
+
+    Opening an existing index never writes to it. ``create=True`` makes the folder when missing
+    (``created`` then says so, so that a run that fails before writing anything can remove it).
+    """
 
     def __init__(self, root: str | Path, *, create: bool = False):
         self.root = Path(root).expanduser().resolve()
-        if not self.root.is_dir():
+        self.created = False
+        if not is_index(self.root):
             if not create:
-                raise IndexNotFoundError(f"no index at {self.root}; build one with `focalsearch index PATH`")
-            with _storage_errors(self.root):
-                self.root.mkdir(parents=True)
+                raise IndexNotFoundError(f"no index at {self.root}; build one with: focalsearch index PATH --index {_q(self.root)}")
+            if not self.root.exists():
+                with _storage_errors(self.root):
+                    self.root.mkdir(parents=True)
+                self.created = True
         session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
         self.db = lancedb.connect(str(self.root / "lancedb"), session=session)
 
+    @property
+    def tables_dir(self) -> Path:
+        return self.root / "lancedb"
+
     # -- catalog --------------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
-        return set(self.db.list_tables().tables)
+        if not self.tables_dir.is_dir():
+            return set()
+        with _read_errors(self.root, "the index's table list"):
+            return set(self.db.list_tables().tables)
 
     def _catalog(self, create: bool = False):
-        if CATALOG_TABLE in self._table_names():
-            return self.db.open_table(CATALOG_TABLE)
-        if not create:
-            return None
-        return self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA, exist_ok=True)
+        if CATALOG_TABLE not in self._table_names():
+            if not create:
+                return None
+            with _storage_errors(self.root):
+                return self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA, exist_ok=True)
+        with _read_errors(self.root, "the catalog of the index"):
+            catalog = self.db.open_table(CATALOG_TABLE)
+        if create and catalog.schema != _CATALOG_SCHEMA:  # an older catalog: rewrite it with the new columns
+            rows = [Condition.from_catalog_row(r).catalog_row() for r in self._catalog_rows(catalog)]
+            with _storage_errors(self.root):
+                catalog = self.db.create_table(
+                    CATALOG_TABLE, pa.Table.from_pylist(rows, schema=_CATALOG_SCHEMA), schema=_CATALOG_SCHEMA, mode="overwrite"
+                )
+        return catalog
+
+    def _catalog_rows(self, catalog) -> list[dict]:
+        with _read_errors(self.root, "the catalog of the index"):
+            return catalog.to_arrow().to_pylist()
 
     def conditions(self) -> list[Condition]:
         """All conditions, sorted by instruction."""
         catalog = self._catalog()
         if catalog is None:
+            if self._table_names():
+                raise DamagedIndexError(f"the catalog of index {self.root} is missing; {repair_hint(self.root)}")
             return []
-        rows = catalog.to_arrow().to_pylist()
-        return sorted((Condition(**row) for row in rows), key=lambda c: c.instruction)
+        rows = self._catalog_rows(catalog)
+        return sorted((Condition.from_catalog_row(row) for row in rows), key=lambda c: c.instruction)
 
     def find(self, instruction: str) -> Condition | None:
         """The condition for a normalised instruction, if indexed."""
@@ -163,37 +292,186 @@ class Store:
             return existing
         now = _now()
         condition = Condition(table_name(model, encoder, instruction), instruction, model, encoder, dim, now, now)
-        with _storage_errors(self.root):
-            self.db.create_table(condition.table, schema=row_schema(dim), exist_ok=True)
-            self._write_catalog(condition)
+        self.create_table(condition)
+        self._write_catalog(condition)
         return condition
 
-    def mark_updated(self, condition: Condition) -> Condition:
-        """Record that a condition's table changed now."""
-        updated = Condition(**{**condition.__dict__, "updated_at": _now()})
+    def create_table(self, condition: Condition) -> None:
+        """Create the condition's empty table, its condition recorded in the schema's metadata."""
+        described = {k: v for k, v in condition.catalog_row().items() if k in ("instruction", "model", "encoder", "dim")}
+        described["created_at"] = condition.created_at.isoformat()
+        schema = row_schema(condition.dim, {CONDITION_METADATA_KEY: json.dumps(described).encode()})
+        with _storage_errors(self.root):
+            self.db.create_table(condition.table, schema=schema, exist_ok=True)
+
+    def mark_updated(self, condition: Condition, roots: Sequence[str] = ()) -> Condition:
+        """Record that a condition's table changed now, its row count and version, and the roots indexed."""
+        table = self._table(condition)
+        updated = Condition(
+            **{
+                **condition.__dict__,
+                "updated_at": _now(),
+                "roots": tuple(sorted(set(condition.roots) | set(roots))),
+                "rows": self._count(table, condition),
+                "table_version": table.version,
+            }
+        )
         self._write_catalog(updated)
         return updated
 
     def _write_catalog(self, condition: Condition) -> None:
-        data = pa.Table.from_pylist([condition.__dict__], schema=_CATALOG_SCHEMA)
+        data = pa.Table.from_pylist([condition.catalog_row()], schema=_CATALOG_SCHEMA)
         catalog = self._catalog(create=True)
-        catalog.merge_insert("table").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        with _storage_errors(self.root):
+            catalog.merge_insert("table").when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+    def tidy_catalog(self) -> None:
+        """Merge the catalog's small fragments and delete its versions older than the grace period."""
+        catalog = self._catalog()
+        if catalog is not None:
+            with _storage_errors(self.root):
+                _optimize(catalog, VERSION_GRACE_SECONDS)
+
+    def orphan_tables(self) -> list[str]:
+        """Tables that no catalog entry names."""
+        named = {c.table for c in self.conditions()}
+        return sorted(set(self.table_names()) - named)
+
+    def table_names(self) -> list[str]:
+        """The condition tables in the index's folder (not the catalog)."""
+        return sorted(self._table_names() - {CATALOG_TABLE})
+
+    def read_table_conditions(self, names: Iterable[str] | None = None) -> tuple[list[Condition], list[str]]:
+        """The conditions that tables record in their own metadata; never writes.
+
+        Returns (conditions, names of tables that do not open or do not describe themselves).
+        """
+        found, lost = [], []
+        for name in sorted(self.table_names() if names is None else names):
+            try:
+                table = self.db.open_table(name)
+                described = json.loads((table.schema.metadata or {})[CONDITION_METADATA_KEY])
+                created = dt.datetime.fromisoformat(described.pop("created_at"))
+                found.append(Condition(name, **described, created_at=created, updated_at=created))
+            except Exception:  # unreadable, or made before tables described themselves
+                lost.append(name)
+        return sorted(found, key=lambda c: c.instruction), lost
+
+    def write_catalog(self, condition: Condition) -> None:
+        """Insert or replace a condition's catalog entry."""
+        self._write_catalog(condition)
+
+    def rebuild_catalog(self) -> tuple[list[Condition], list[str]]:
+        """Replace the catalog by one made from the condition tables that describe themselves.
+
+        Returns (conditions recovered, tables that could not be attributed to a condition).
+        """
+        found, lost = self.read_table_conditions()
+        with _storage_errors(self.root):
+            try:
+                self.db.drop_table(CATALOG_TABLE, ignore_missing=True)
+            except (RuntimeError, ValueError):
+                pass  # too damaged for LanceDB to drop: remove its folder below
+            shutil.rmtree(self.tables_dir / f"{CATALOG_TABLE}.lance", ignore_errors=True)
+            self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA)
+        return [self.mark_updated(c) for c in found], lost
 
     # -- rows -----------------------------------------------------------------------------------
     def _table(self, condition: Condition):
-        return self.db.open_table(condition.table)
+        if condition.table not in self._table_names():
+            raise DamagedIndexError(
+                f"condition {quote_instruction(condition.instruction)} is damaged (its table is missing); {repair_hint(self.root)}"
+            )
+        with self._reading(condition):
+            return self.db.open_table(condition.table)
+
+    def _reading(self, condition: Condition):
+        return _read_errors(self.root, f"condition {quote_instruction(condition.instruction)}")
+
+    def _count(self, table, condition: Condition) -> int:
+        with self._reading(condition):
+            return table.count_rows()
 
     def count(self, condition: Condition) -> int:
         """Rows in a condition's table."""
-        return self._table(condition).count_rows()
+        return self._count(self._table(condition), condition)
 
     def version(self, condition: Condition) -> int:
         """The table's version; any write changes it."""
         return self._table(condition).version
 
+    def table_dir(self, condition: Condition) -> Path:
+        return self.tables_dir / f"{condition.table}.lance"
+
+    def data_files(self, condition: Condition) -> dict[str, list[int]]:
+        """[size, mtime_ns] of each data file of the table (every retained version's), by name."""
+        folder = self.table_dir(condition) / "data"
+        try:
+            return {e.name: [(st := e.stat()).st_size, st.st_mtime_ns] for e in os.scandir(folder) if e.is_file()}
+        except OSError:
+            return {}
+
+    def bytes_on_disk(self, condition: Condition) -> int:
+        """Bytes under the table's folder: live data plus the versions not yet cleaned up."""
+        total = 0
+        for folder, _, names in os.walk(self.table_dir(condition)):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+        return total
+
+    def health(self, condition: Condition, *, deep: bool = False) -> TableHealth:
+        """Look at a condition's table; ``deep`` reads every row, as `focalsearch check` does.
+
+        The quick look opens the table, counts its rows and checks that the data files on disk are
+        at least as large as the table's manifest says its live data is (a truncated or deleted file
+        shows there). The deep look also reads all of it and checks that no id is there twice.
+        """
+        size = self.bytes_on_disk(condition)
+        try:
+            table = self._table(condition)
+            with self._reading(condition):
+                version, rows = table.version, table.count_rows()
+                live_bytes = int(table.stats()["total_bytes"])
+            on_disk = sum(size for size, _ in self.data_files(condition).values())
+            if on_disk < live_bytes:
+                return TableHealth(rows, version, size, f"data files hold {on_disk} bytes of the {live_bytes} its manifest lists")
+            if deep:
+                seen: set[str] = set()
+                read = 0
+                with self._reading(condition):
+                    for batch in table.search().select(["id", "vector"]).limit(None).to_batches():
+                        ids = batch.column("id").to_pylist()
+                        seen.update(ids)
+                        read += len(ids)
+                        vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
+                        if not np.isfinite(vectors).all():
+                            return TableHealth(rows, version, size, "some vectors are not finite")
+                if read != rows:
+                    return TableHealth(rows, version, size, f"{read} rows read, its manifest counts {rows}")
+                if len(seen) != read:
+                    return TableHealth(rows, version, size, f"{read - len(seen)} rows are there twice")
+        except DamagedIndexError as exc:
+            reason = str(exc)
+            match = re.search(r"is damaged \((.*)\);", reason)
+            return TableHealth(None, None, size, match.group(1) if match else reason)
+        return TableHealth(rows, version, size)
+
+    def drop_table(self, condition: Condition) -> None:
+        """Remove a condition's table (its catalog entry stays); used to rebuild a damaged one."""
+        with _storage_errors(self.root):
+            try:
+                self.db.drop_table(condition.table, ignore_missing=True)
+            except (RuntimeError, ValueError):
+                pass  # too damaged for LanceDB to drop: remove its folder below
+            shutil.rmtree(self.table_dir(condition), ignore_errors=True)
+
     def _scan(self, condition: Condition, columns: list[str], table=None) -> pa.Table:
         table = table if table is not None else self._table(condition)
-        return table.search().select(columns).limit(None).to_arrow()
+        with self._reading(condition):
+            return table.search().select(columns).limit(None).to_arrow()
 
     def file_records(self, condition: Condition) -> dict[str, FileRecord]:
         """Every file's record in a condition, keyed by path (vectors are not read)."""
@@ -213,16 +491,18 @@ class Store:
         """
         if not records:
             return
+        table = self._table(condition)
         with _storage_errors(self.root):
-            self._table(condition).add(self._rows(condition, records, vectors))
+            table.add(self._rows(condition, records, vectors))
 
     def upsert(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Insert or replace rows by id in one commit."""
         if not records:
             return
         data = self._rows(condition, records, vectors)
+        table = self._table(condition)
         with _storage_errors(self.root):
-            self._table(condition).merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+            table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def refresh_records(self, condition: Condition, records: Sequence[FileRecord]) -> None:
         """Update file metadata (e.g. a touched file's mtime) of existing rows, keeping their vectors."""
@@ -230,7 +510,8 @@ class Store:
             return
         by_id = {r.id: r for r in records}
         table = self._table(condition)
-        current = table.search().where(f"id IN ({_sql_list(by_id)})").limit(None).to_arrow()
+        with self._reading(condition):
+            current = table.search().where(f"id IN ({_sql_list(by_id)})").limit(None).to_arrow()
         vectors = np.stack(current["vector"].to_numpy(zero_copy_only=False)) if current.num_rows else None
         kept = [by_id[i] for i in current["id"].to_pylist()]
         if kept:
@@ -239,16 +520,25 @@ class Store:
     def delete(self, condition: Condition, ids: Iterable[str]) -> int:
         """Delete rows by id; returns how many ids were asked for."""
         ids = list(ids)
+        if not ids:
+            return 0
+        table = self._table(condition)
         with _storage_errors(self.root):
             for start in range(0, len(ids), 1000):
-                self._table(condition).delete(f"id IN ({_sql_list(ids[start:start + 1000])})")
+                table.delete(f"id IN ({_sql_list(ids[start:start + 1000])})")
         return len(ids)
 
     def compact(self, condition: Condition) -> None:
-        """Merge small fragments left by batched commits and drop old versions."""
+        """Merge the small fragments left by batched commits into few files."""
+        table = self._table(condition)
         with _storage_errors(self.root):
-            # Keep versions a few seconds old so a concurrent query never loses its snapshot.
-            self._table(condition).optimize(cleanup_older_than=dt.timedelta(seconds=10))
+            _optimize(table, VERSION_GRACE_SECONDS)
+
+    def cleanup_versions(self, condition: Condition, older_than: float = VERSION_GRACE_SECONDS) -> None:
+        """Delete table versions (and the files only they use) older than ``older_than`` seconds."""
+        table = self._table(condition)
+        with _storage_errors(self.root):  # optimize also compacts (nothing left to, here) and needs no pylance
+            _optimize(table, older_than)
 
     def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:
         """(version, paths, vectors) of a condition, read from one consistent version."""
@@ -261,12 +551,22 @@ class Store:
 
     def exact_search(self, condition: Condition, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top-k (path, inner product) by LanceDB's own brute-force vector search."""
-        hits = (
-            self._table(condition)
-            .search(np.asarray(query, dtype=np.float32))
-            .distance_type("dot")
-            .limit(k)
-            .to_arrow()
-        )
+        with self._reading(condition):
+            hits = (
+                self._table(condition)
+                .search(np.asarray(query, dtype=np.float32))
+                .distance_type("dot")
+                .limit(k)
+                .to_arrow()
+            )
         # LanceDB's "dot" distance is 1 - inner product.
         return [(p, 1.0 - d) for p, d in zip(hits["path"].to_pylist(), hits["_distance"].to_pylist())]
+
+
+def is_index(root: Path) -> bool:
+    """Whether ``root`` holds a FocalSearch index (a LanceDB folder with at least one table)."""
+    folder = Path(root) / "lancedb"
+    try:
+        return folder.is_dir() and any(e.name.endswith(".lance") and e.is_dir() for e in os.scandir(folder))
+    except OSError:
+        return False

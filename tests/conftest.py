@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Indexing waits this long before deleting superseded table versions (a grace for concurrent readers).
+os.environ.setdefault("FOCALSEARCH_VERSION_GRACE_SECONDS", "0")
 
 CORPUS = [
     "a red circle on a blue background",

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_image_folder
 from focalsearch.api import FocalSearch
 from focalsearch.errors import IndexBusyError, StorageError
-from focalsearch.search import _files, build_condition_index, load_condition_index, search_index
+from focalsearch.search import faiss_files, build_condition_index, load_condition_index, search_index
 from focalsearch.store import FileRecord, Store, row_id
 
 
@@ -31,7 +31,7 @@ def _random_store(tmp_path, n: int, dim: int = 16) -> tuple[Store, object, np.nd
 def test_faiss_index_is_reused_until_the_table_changes(tmp_path):
     store, condition, vectors = _random_store(tmp_path, 50)
     built = load_condition_index(store, condition)
-    index_file, _ = _files(store, condition)
+    index_file, _ = faiss_files(store, condition)
     stamp = index_file.stat().st_mtime_ns
     assert load_condition_index(store, condition).table_version == built.table_version
     assert index_file.stat().st_mtime_ns == stamp, "a fresh index must not be rebuilt"
@@ -46,7 +46,7 @@ def test_faiss_index_is_reused_until_the_table_changes(tmp_path):
 def test_broken_faiss_files_are_rebuilt_not_trusted(tmp_path):
     store, condition, vectors = _random_store(tmp_path, 40)
     load_condition_index(store, condition)
-    index_file, paths_file = _files(store, condition)
+    index_file, paths_file = faiss_files(store, condition)
     index_file.write_bytes(index_file.read_bytes()[:50])
     assert search_index(load_condition_index(store, condition), vectors[3], 1)[0].path == "/img/3.jpg"
     paths_file.write_bytes(b"garbage")

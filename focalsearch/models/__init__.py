@@ -23,6 +23,9 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "normalize_instruction"]
 
 from focalsearch.instructions import normalize_instruction  # noqa: E402
+from focalsearch.threads import prepare_environment  # noqa: E402
+
+prepare_environment()  # before anything here imports torch (see focalsearch.threads)
 
 
 def __getattr__(name: str):

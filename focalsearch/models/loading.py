@@ -92,6 +92,18 @@ def load_config(ref: ModelRef, options: dict | None = None):
 TOWERS = ("both", "text", "vision")
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' own progress bars ("Loading weights") and notices off stderr.
+
+    Loading a checkpoint is not news to a user of a search tool; our own progress bars stay.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_clip_family(ref: ModelRef, towers: str = "both"):
     """Load model, tokenizer and image processor; the model is a CLIPModel or FocalLensCLIPModel.
 
@@ -105,6 +117,7 @@ def load_clip_family(ref: ModelRef, towers: str = "both"):
 
     if towers not in TOWERS:
         raise ValueError(f"towers must be one of {TOWERS}, not {towers!r}")
+    quiet_transformers()
     options = _load_options(ref)
     config = load_config(ref, options)
     if isinstance(config, FocalLensCLIPConfig):
