@@ -279,7 +279,7 @@ class FocalSearch:
         known = ", ".join(quote_instruction(c.instruction) for c in store.conditions()) or "none"
         raise UnknownConditionError(
             f"instruction {quote_instruction(wanted)} is not indexed in {store.root} (indexed: {known}); add it with: "
-            f"focalsearch index PATH --instruction {shlex.quote(wanted)} --index {shlex.quote(str(store.root))}"
+            f"focalsearch index PATH --instruction {_shell_instruction(wanted)} --index {shlex.quote(str(store.root))}"
         )
 
     def search(
@@ -307,7 +307,7 @@ class FocalSearch:
         if store.count(condition) == 0:
             raise EmptyConditionError(
                 f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
-                f"--instruction {shlex.quote(condition.instruction)} --index {shlex.quote(str(store.root))}"
+                f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(str(store.root))}"
             )
         index = load_condition_index(store, condition)  # before the model: a damaged table fails fast
         towers = needed_towers(condition.encoder, condition.instruction, image_query=image is not None)
@@ -322,6 +322,11 @@ class FocalSearch:
             exclude, query = None, text
         hits = search_index(index, vector, k, exclude=exclude)
         return SearchResult(query, condition.instruction, condition.model, condition.encoder, hits)
+
+
+def _shell_instruction(instruction: str) -> str:
+    """The instruction as a suggested command should hold it: shell-quoted, or a placeholder when too long to show."""
+    return shlex.quote(instruction) if len(instruction) <= 200 else "INSTRUCTION"
 
 
 def _remove_unborn_index(store: Store) -> None:

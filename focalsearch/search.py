@@ -54,9 +54,12 @@ def _read_paths(path: Path) -> pa.Array | None:
 def _write_paths(path: Path, paths: pa.Array) -> None:
     tmp = path.with_name(path.name + ".tmp")
     table = pa.table({"path": paths})
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    tmp.replace(path)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_condition_index(store: Store, condition: Condition, *, exact_max_rows: int = ann.EXACT_MAX_ROWS) -> ConditionIndex:
