@@ -196,15 +196,18 @@ def conditions(index_dir: IndexDir = DEFAULT_INDEX, as_json: JsonOpt = False) ->
         typer.echo(f"no conditions in {index_dir}")
     for s in summaries:
         rows = f"{s.rows:>8} rows" if s.rows is not None else f"{'?':>8} rows"
-        line = f"{_label(s.instruction):<30} {rows}  {s.encoder:<10} {s.model}  updated {s.updated_at}  {_mib(s.bytes)}"
+        line = f"{_label(s.instruction):<30} {rows}  {s.encoder:<10} {s.model}  updated {s.updated_at}  {_on_disk(s.bytes)}"
         typer.echo(line + (f"  DAMAGED: {s.damaged}" if s.damaged else ""))
     damaged = [s for s in summaries if s.damaged]
     if damaged:
         typer.echo(f"{len(damaged)} damaged condition(s); run: focalsearch check --repair --index {shlex.quote(str(index_dir))}", err=True)
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB on disk"
+def _on_disk(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} on disk"
+    return f"{n} B on disk"
 
 
 @app.command()
@@ -227,7 +230,7 @@ def check(
         typer.echo(f"index {report.index}: catalog {report.catalog}" + (f" ({report.catalog_problem})" if report.catalog_problem else ""))
         for c in report.conditions:
             rows = "?" if c.rows is None else c.rows
-            typer.echo(f"{_label(c.instruction):<30} {c.status:<12} {rows!s:>8} rows  version {c.version}  faiss {c.faiss}  {_mib(c.bytes)}")
+            typer.echo(f"{_label(c.instruction):<30} {c.status:<12} {rows!s:>8} rows  version {c.version}  faiss {c.faiss}  {_on_disk(c.bytes)}")
             for line in c.problems:
                 typer.echo(f"  problem: {line}")
             for line in c.actions:
