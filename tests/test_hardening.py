@@ -136,33 +136,36 @@ def test_failed_faiss_save_costs_only_a_rebuild(indexed, monkeypatch):
 # --- 3: a read-only index --------------------------------------------------------------------
 
 
-def test_a_read_only_index_refuses_indexing_and_answers_queries_without_root(tiny_focal):
+@pytest.fixture()
+def workspace(tiny_focal):
+    """A folder that user nobody can enter, holding a copy of the tiny model; removed afterwards."""
+    base = shared_dir("focalsearch-unprivileged-")
+    shutil.copytree(tiny_focal, base / "model")
+    yield base
+    subprocess.run(["chmod", "-R", "u+rwx", str(base)])
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_read_only_index_refuses_indexing_and_answers_queries_without_root(workspace):
     """Runs as user nobody (or root without capabilities), since root ignores file modes."""
-    base = shared_dir("focalsearch-readonly-")
-    try:
-        model = base / "model"
-        shutil.copytree(tiny_focal, model)
-        photos = base / "photos"
-        make_image_folder(photos, 20)
-        index = base / "index"
-        assert run("index", photos, "-i", "color", "--model", model, "--index", index).returncode == 0
-        shutil.rmtree(index / "faiss")  # the query must rebuild it in memory
-        for path in [base, *base.rglob("*")]:
-            path.chmod(path.stat().st_mode & ~0o222 | 0o555 if path.is_dir() else path.stat().st_mode & ~0o222 | 0o444)
-        _, who = unprivileged_prefix()
-        more = make_image_folder(base / "more", 1)  # noqa: F841 (root can still write; the index cannot be)
-        indexing = run_unprivileged(focalsearch_command("index", photos, "-i", "color", "--index", index), home=base)
-        one_line_error(indexing, 2, f"index {index} is read-only")
-        query = run_unprivileged(focalsearch_command("query", "--text", "red", "-i", "color", "--index", index, "--json"), home=base)
-        assert query.returncode == 0, (who, query.stderr)
-        assert len(json.loads(query.stdout)["results"]) == 10
-        listing = run_unprivileged(focalsearch_command("conditions", "--index", index, "--json"), home=base)
-        assert listing.returncode == 0 and json.loads(listing.stdout)["conditions"][0]["rows"] == 20, listing.stderr
-        assert not (index / "faiss").exists()  # nothing was written
-        print(f"ran as {who}")
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(base)])
-        shutil.rmtree(base, ignore_errors=True)
+    base, model = workspace, workspace / "model"
+    photos = base / "photos"
+    make_image_folder(photos, 20)
+    index = base / "index"
+    assert run("index", photos, "-i", "color", "--model", model, "--index", index).returncode == 0
+    shutil.rmtree(index / "faiss")  # the query must rebuild it in memory
+    for path in [base, *base.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222 | 0o555 if path.is_dir() else path.stat().st_mode & ~0o222 | 0o444)
+    _, who = unprivileged_prefix()
+    indexing = run_unprivileged(focalsearch_command("index", photos, "-i", "color", "--index", index), home=base)
+    one_line_error(indexing, 2, f"index {index} is read-only")
+    query = run_unprivileged(focalsearch_command("query", "--text", "red", "-i", "color", "--index", index, "--json"), home=base)
+    assert query.returncode == 0, (who, query.stderr)
+    assert len(json.loads(query.stdout)["results"]) == 10
+    listing = run_unprivileged(focalsearch_command("conditions", "--index", index, "--json"), home=base)
+    assert listing.returncode == 0 and json.loads(listing.stdout)["conditions"][0]["rows"] == 20, listing.stderr
+    assert not (index / "faiss").exists()  # nothing was written
+    print(f"ran as {who}")
 
 
 def test_an_unreadable_file_is_skipped_as_permission_denied_without_root(tmp_path):
@@ -287,27 +290,21 @@ def test_symlink_loops_and_broken_links_are_listed_as_skipped(tmp_path, tiny_foc
     assert report["encoded"] == 6
 
 
-def test_an_unreadable_folder_is_listed_as_skipped_without_root(tiny_focal):
-    base = shared_dir("focalsearch-unreadable-folder-")
-    try:
-        model = base / "model"
-        shutil.copytree(tiny_focal, model)
-        photos = base / "photos"
-        make_image_folder(photos, 6)
-        locked = photos / "private"
-        make_image_folder(locked, 2)
-        locked.chmod(0)
-        for path in [base, *base.rglob("*")]:
-            if path != locked and not path.is_relative_to(locked):
-                path.chmod(0o777 if path.is_dir() else 0o666)
-        result = run_unprivileged(focalsearch_command("index", photos, "--model", model, "--index", base / "i", "--json"), home=base)
-        assert result.returncode == 0, result.stderr
-        report = json.loads(result.stdout)
-        assert report["encoded"] == 6
-        assert {(s["path"], s["reason"]) for s in report["skipped"]} == {(str(locked), "unreadable folder: Permission denied")}
-    finally:
-        subprocess.run(["chmod", "-R", "u+rwx", str(base)])
-        shutil.rmtree(base, ignore_errors=True)
+def test_an_unreadable_folder_is_listed_as_skipped_without_root(workspace):
+    base, model = workspace, workspace / "model"
+    photos = base / "photos"
+    make_image_folder(photos, 6)
+    locked = photos / "private"
+    make_image_folder(locked, 2)
+    locked.chmod(0)
+    for path in [base, *base.rglob("*")]:
+        if path != locked and not path.is_relative_to(locked):
+            path.chmod(0o777 if path.is_dir() else 0o666)
+    result = run_unprivileged(focalsearch_command("index", photos, "--model", model, "--index", base / "i", "--json"), home=base)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["encoded"] == 6
+    assert {(s["path"], s["reason"]) for s in report["skipped"]} == {(str(locked), "unreadable folder: Permission denied")}
 
 
 # --- 7: query images ---------------------------------------------------------------------------
