@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import shlex
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,11 +21,12 @@ from focalsearch.errors import (
     ModelMismatchError,
     ReadOnlyIndexError,
     UnknownConditionError,
+    UnknownImageError,
     UserError,
 )
-from focalsearch.images import DEFAULT_MAX_PIXELS, open_query_image
+from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, open_query_image
 from focalsearch.defaults import DEFAULT_INDEX_DIR, PRECISIONS
-from focalsearch.store import Condition, Store, is_index, quote_instruction, repair_hint
+from focalsearch.store import Condition, Store, is_index, quote_instruction, repair_hint, row_id
 
 _ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
 
@@ -46,22 +49,31 @@ class ConditionSummary:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The ranked hits of one query, with the condition and model that produced them."""
+    """The ranked hits of one query, with the conditions (and weights) and model that produced them."""
 
     query: str
-    instruction: str
+    instruction: str  # the first condition's instruction
     model: str
     encoder: str
     results: list  # list[focalsearch.search.Hit]
+    conditions: tuple[tuple[str, float], ...] = ()
+    k: int = 10
+    offset: int = 0
 
     def to_dict(self) -> dict:
         return {
             "query": self.query,
             "instruction": self.instruction,
+            "conditions": [{"instruction": i, "weight": w} for i, w in self.conditions],
             "model": self.model,
             "encoder": self.encoder,
-            "results": [{"rank": h.rank, "path": h.path, "score": round(h.score, 6)} for h in self.results],
+            "k": self.k,
+            "offset": self.offset,
+            "results": [h.to_dict() for h in self.results],
         }
+
+
+MAX_CONDITIONS = 8
 
 
 class FocalSearch:
@@ -103,6 +115,9 @@ class FocalSearch:
         self.commit_seconds = commit_seconds
         self.precision = precision
         self.threads = threads
+        self._batcher = None
+        self._indexes: dict[str, object] = {}  # search indexes by table, while their tables are unchanged
+        self._index_locks: dict[str, threading.Lock] = {}
         self._encoders: dict[str, object] = {}  # by towers loaded: "both", "text", "vision"
         self._store: Store | None = None
 
@@ -285,43 +300,162 @@ class FocalSearch:
     def search(
         self,
         *,
-        image: str | Path | None = None,
+        image: "str | Path | LoadedImage | None" = None,
         text: str | None = None,
-        instruction: str = "",
+        image_id: str | None = None,
+        instruction: str | None = None,
+        conditions: "Sequence[tuple[str, float]] | None" = None,
         k: int = 10,
+        offset: int = 0,
     ) -> SearchResult:
-        """Search the condition of ``instruction`` by a query image or a query text."""
-        from focalsearch.models import needed_towers
-        from focalsearch.search import load_condition_index, search_index
+        """Search by a query image (a path, or an already decoded LoadedImage), a text, or an indexed
+        row's ``image_id``, under one ``instruction`` or several weighted ``conditions``.
 
-        if (image is None) == (text is None):
-            raise UserError("give either a query image or --text, not both or neither")
+        With several conditions, a row's score is the weighted sum of its cosines to the query under
+        each: ``[("shape", 1), ("background", 1)]`` asks for the same shape AND background,
+        ``[("shape", 1), ("color", -1)]`` for the same shape but NOT the same colour.
+        """
+        from focalsearch.errors import DamagedIndexError
+
+        wanted = self._weighted(instruction, conditions)
+        if sum(q is not None for q in (image, text, image_id)) != 1:
+            raise UserError("give one query: an image, --text, or an image_id")
         if text is not None and not text.strip():
             raise UserError("empty text query; give some words with --text")
         if k < 1:
             raise UserError("-k must be at least 1")
-        if image is not None and not Path(image).expanduser().exists():
+        if offset < 0:
+            raise UserError("offset must be 0 or more")
+        if isinstance(image, (str, Path)) and not Path(image).expanduser().exists():
             raise InvalidImageError(f"cannot read query image {image}: file not found")
         store = self._open_store()
-        condition = self.condition(instruction)
-        if store.count(condition) == 0:
-            raise EmptyConditionError(
-                f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
-                f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(str(store.root))}"
-            )
-        index = load_condition_index(store, condition)  # before the model: a damaged table fails fast
-        towers = needed_towers(condition.encoder, condition.instruction, image_query=image is not None)
-        encoder = self._load_encoder((condition.model, condition.encoder), towers)
-        if image is not None:
-            # Decoded as indexing decodes: a large JPEG at reduced size, never more than the model needs.
-            query_image = open_query_image(image, max_pixels=self.max_pixels, min_side=encoder.min_decode_side)
-            vector = encoder.encode_images([query_image.image], condition.instruction)[0]
-            exclude, query = str(query_image.stat.path), str(image)
+        resolved = [(self.condition(i), w) for i, w in wanted]
+        for condition, _ in resolved:
+            if store.count(condition) == 0:
+                raise EmptyConditionError(
+                    f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
+                    f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(str(store.root))}"
+                )
+        try:
+            return self._search(store, resolved, image, text, image_id, k, offset)
+        except DamagedIndexError:
+            # A version that a cached search index pinned may have been cleaned up meanwhile: retry
+            # once on fresh indexes; a table that is really damaged fails again, and says so.
+            for condition, _ in resolved:
+                self._indexes.pop(condition.table, None)
+            return self._search(store, resolved, image, text, image_id, k, offset)
+
+    def _weighted(self, instruction, conditions) -> list[tuple[str, float]]:
+        from focalsearch.instructions import normalize_instruction
+
+        if instruction is not None and conditions:
+            raise UserError("give either one instruction or weighted conditions, not both")
+        pairs = [(instruction or "", 1.0)] if not conditions else [(i, float(w)) for i, w in conditions]
+        if len(pairs) > MAX_CONDITIONS:
+            raise UserError(f"at most {MAX_CONDITIONS} conditions in one query")
+        normalized = [(normalize_instruction(i), w) for i, w in pairs]
+        if len({i for i, _ in normalized}) != len(normalized):
+            raise UserError("each instruction may appear only once in a query")
+        if any(not math.isfinite(w) for _, w in normalized):
+            raise UserError("weights must be finite numbers")
+        if not any(w > 0 for _, w in normalized):
+            raise UserError("at least one condition needs a positive weight (a negative one means NOT the same)")
+        return normalized
+
+    def _search(self, store, resolved, image, text, image_id, k, offset) -> SearchResult:
+        from focalsearch.search import QueryPart, fused_search
+
+        indexes = [self._condition_index(store, c) for c, _ in resolved]
+        exclude_id, query = image_id, image_id
+        if text is not None:
+            vector = self._encode_text(resolved[0][0], text)
+            vectors, query = [vector] * len(resolved), text
+        elif image_id is not None:
+            vectors = []
+            for (condition, _), index in zip(resolved, indexes):
+                found = store.vectors_by_id(condition, [image_id], version=index.table_version).get(image_id)
+                if found is None:
+                    raise UnknownImageError(f"image {image_id} is not indexed under {quote_instruction(condition.instruction)}")
+                vectors.append(found)
         else:
-            vector = encoder.encode_texts([text])[0]
-            exclude, query = None, text
-        hits = search_index(index, vector, k, exclude=exclude)
-        return SearchResult(query, condition.instruction, condition.model, condition.encoder, hits)
+            loaded, query = self._query_image(image, resolved)
+            if isinstance(image, (str, Path)):
+                exclude_id = row_id(str(loaded.stat.path))
+            vectors = [self._encode_image(condition, loaded.image) for condition, _ in resolved]
+        parts = [QueryPart(c, index, v, w) for (c, w), index, v in zip(resolved, indexes, vectors)]
+        hits = fused_search(store, parts, k, offset=offset, exclude_id=exclude_id)
+        first = resolved[0][0]
+        return SearchResult(
+            str(query), first.instruction, first.model, first.encoder, hits,
+            conditions=tuple((c.instruction, w) for c, w in resolved), k=k, offset=offset,
+        )
+
+    def compare(self, *, instructions: Sequence[str], k: int = 10, **query) -> list[SearchResult]:
+        """The same query under 2 to 4 instructions, one ranked list each."""
+        if not 2 <= len(instructions) <= 4:
+            raise UserError("compare takes 2 to 4 instructions")
+        return [self.search(instruction=i, k=k, **query) for i in instructions]
+
+    # -- query encoding (batched when serving) ------------------------------------------------
+    def enable_batching(self, *, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+        """Load the model now and encode queries from all threads in shared forward passes."""
+        from focalsearch.batching import DynamicBatcher
+
+        store = self._open_store()
+        recorded = self._index_model(store)
+        if recorded is None:
+            raise UserError(f"index {store.root} has no conditions yet")
+        self._batcher = DynamicBatcher(self._load_encoder(recorded), max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    def close(self) -> None:
+        """Stop the batching thread, if any."""
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+
+    def _encoder_for(self, condition: Condition, *, image_query: bool):
+        from focalsearch.models import needed_towers
+
+        towers = needed_towers(condition.encoder, condition.instruction, image_query=image_query)
+        return self._load_encoder((condition.model, condition.encoder), towers)
+
+    def _encode_text(self, condition: Condition, text: str):
+        if self._batcher is not None:
+            return self._batcher.encode_text(text)
+        return self._encoder_for(condition, image_query=False).encode_texts([text])[0]
+
+    def _encode_image(self, condition: Condition, image):
+        if self._batcher is not None:
+            return self._batcher.encode_image(image, condition.instruction)
+        return self._encoder_for(condition, image_query=True).encode_images([image], condition.instruction)[0]
+
+    def _query_image(self, image, resolved) -> tuple[LoadedImage, str]:
+        if isinstance(image, LoadedImage):
+            return image, str(image.stat.path)
+        encoder = self._batcher.encoder if self._batcher is not None else self._encoder_for(resolved[0][0], image_query=True)
+        # Decoded as indexing decodes: a large JPEG at reduced size, never more than the model needs.
+        return open_query_image(image, max_pixels=self.max_pixels, min_side=encoder.min_decode_side), str(image)
+
+    def _condition_index(self, store: Store, condition: Condition):
+        """The condition's search index, kept between queries while its table is unchanged."""
+        from focalsearch.search import data_unchanged, load_condition_index
+
+        cached = self._indexes.get(condition.table)
+        if cached is not None and cached.table_version == store.version(condition) and data_unchanged(
+            cached.data_files, store.data_files(condition)
+        ):
+            return cached
+        with self._index_locks.setdefault(condition.table, threading.Lock()):
+            cached = self._indexes.get(condition.table)
+            if cached is None or cached.table_version != store.version(condition) or not data_unchanged(
+                cached.data_files, store.data_files(condition)
+            ):
+                cached = self._indexes[condition.table] = load_condition_index(store, condition)
+            return cached
+
+    def image_path(self, image_id: str) -> str | None:
+        """The path of an indexed image, by its row id (None when no condition has it)."""
+        return self._open_store().path_of(image_id)
 
 
 def _shell_instruction(instruction: str) -> str:

@@ -150,8 +150,17 @@ def _label(instruction: str) -> str:
 def query(
     image: Annotated[Optional[Path], typer.Argument(help="Query image (image→image search).")] = None,
     text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query text (text→image search).")] = None,
-    instruction: Annotated[str, typer.Option("--instruction", "-i", help="The condition to search under.")] = "",
+    image_id: Annotated[Optional[str], typer.Option("--image-id", help="An indexed image's id (from --json) as the query.")] = None,
+    instruction: Annotated[
+        Optional[list[str]],
+        typer.Option("--instruction", "-i", help="The condition to search under; repeat to combine several (see --weight)."),
+    ] = None,
+    weight: Annotated[
+        Optional[list[float]],
+        typer.Option("--weight", "-w", help="Weight of each --instruction, in order (default 1 each); negative means NOT the same."),
+    ] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Number of results.")] = 10,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many results first (paging).")] = 0,
     index_dir: IndexDir = DEFAULT_INDEX,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -160,14 +169,21 @@ def query(
     as_json: JsonOpt = False,
     paths_only: Annotated[bool, typer.Option("--paths-only", help="Print only result paths, one per line.")] = False,
 ) -> None:
-    """Search the index by an image or a text under an instruction."""
+    """Search the index by an image or a text under one instruction, or several with weights.
+
+    Example: -i shape -i color --weight 1 --weight -1 finds the same shape in another colour.
+    """
     from focalsearch.api import FocalSearch
 
+    instructions = instruction or [""]
+    if weight and len(weight) != len(instructions):
+        _fail(f"give one --weight per --instruction ({len(instructions)}), not {len(weight)}", 2)
     _set_threads(threads)
     _quiet_libraries()
     def go():
         engine = FocalSearch(index_dir, model, device=device, precision=precision)
-        return engine.search(image=image, text=text, instruction=instruction, k=k)
+        conditions = list(zip(instructions, weight or [1.0] * len(instructions)))
+        return engine.search(image=image, text=text, image_id=image_id, conditions=conditions, k=k, offset=offset)
 
     result = _run(go, interrupted="interrupted")
     if as_json:
@@ -176,9 +192,11 @@ def query(
         for hit in result.results:
             typer.echo(hit.path)
     else:
-        typer.echo(f"query {result.query!r} under {_label(result.instruction)} ({result.model}, {result.encoder})")
+        under = " + ".join(f"{w:g} x {_label(i)}" if len(result.conditions) > 1 else _label(i) for i, w in result.conditions)
+        typer.echo(f"query {result.query!r} under {under} ({result.model}, {result.encoder})")
         for hit in result.results:
-            typer.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.path}")
+            detail = "  (" + ", ".join(f"{_label(i)} {s:.3f}" for i, s in hit.scores.items()) + ")" if len(result.conditions) > 1 else ""
+            typer.echo(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.path}{detail}")
 
 
 @app.command()

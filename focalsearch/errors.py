@@ -27,6 +27,10 @@ class ModelMismatchError(UserError):
     """The model asked for differs from the model an index was built with."""
 
 
+class UnknownImageError(UserError):
+    """A query named an image_id that the index does not hold."""
+
+
 class InvalidImageError(UserError):
     """A query image could not be read as an image."""
 

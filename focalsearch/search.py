@@ -6,7 +6,7 @@ Glue between the store (LanceDB) and ann (FAISS); neither of them knows the othe
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +14,36 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from focalsearch import ann
-from focalsearch.store import Condition, Store
+from focalsearch.store import Condition, Store, row_id
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result."""
+    """One search result: its fused score, and its cosine under each condition of the query."""
 
     rank: int
     path: str
     score: float
+    image_id: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank, "path": self.path, "score": round(self.score, 6), "image_id": self.image_id,
+            "scores": {k: round(v, 6) for k, v in self.scores.items()},
+        }
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One condition of a query: its search index, the query's vector under it, and its weight."""
+
+    condition: Condition
+    index: "ConditionIndex"
+    vector: np.ndarray
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class ConditionIndex:
     ann: ann.AnnIndex
     paths: pa.Array
     table_version: int
+    data_files: dict = field(default_factory=dict)  # the table's data files it was built from (size, mtime)
 
 
 def faiss_files(store: Store, condition: Condition) -> tuple[Path, Path]:
@@ -76,7 +95,7 @@ def build_condition_index(store: Store, condition: Condition, *, exact_max_rows:
     except Exception as exc:  # FAISS raises RuntimeError for a full disk
         # Derived data: a read-only or full index folder costs a rebuild next time, nothing more.
         log.info("not saving the FAISS index of %s: %s", condition.table, exc)
-    return ConditionIndex(ann.to_gpu_if_available(index), paths, version)
+    return ConditionIndex(ann.to_gpu_if_available(index), paths, version, files)
 
 
 def data_unchanged(recorded: dict | None, current: dict) -> bool:
@@ -99,18 +118,69 @@ def load_condition_index(store: Store, condition: Condition, **build_options) ->
         fresh = meta.get("table") == condition.table and meta.get("table_version") == version
         fresh = fresh and data_unchanged(meta.get("data_files"), store.data_files(condition))
         if fresh and paths is not None and len(paths) == index.ntotal == meta.get("rows"):
-            return ConditionIndex(ann.to_gpu_if_available(index), paths, version)
+            return ConditionIndex(ann.to_gpu_if_available(index), paths, version, meta["data_files"])
     return build_condition_index(store, condition, **build_options)
 
 
-def search_index(index: ConditionIndex, query: np.ndarray, k: int, *, exclude: str | None = None) -> list[Hit]:
-    """Top-k hits by inner product, leaving out the path ``exclude`` (a query image in the index)."""
+def search_index(
+    index: ConditionIndex, query: np.ndarray, k: int, *, exclude: str | None = None, offset: int = 0, instruction: str = ""
+) -> list[Hit]:
+    """Hits ranked offset+1 .. offset+k by inner product, leaving out the path ``exclude`` (a query image in the index)."""
     extra = 1 if exclude is not None else 0
-    scores, positions = ann.search(index.ann, np.asarray(query, dtype=np.float32), k + extra)
+    scores, positions = ann.search(index.ann, np.asarray(query, dtype=np.float32), offset + k + extra)
     hits = []
     for score, position in zip(scores[0], positions[0]):
         path = index.paths[int(position)].as_py()
-        if path == exclude:
+        if path != exclude:
+            hits.append((path, float(score)))
+    return [
+        Hit(rank=offset + i + 1, path=path, score=score, image_id=row_id(path), scores={instruction: score})
+        for i, (path, score) in enumerate(hits[offset:offset + k])
+    ]
+
+
+CANDIDATES_PER_CONDITION = 100  # at least; more when k + offset asks for more
+
+
+def fused_search(store: Store, parts: list[QueryPart], k: int, *, offset: int = 0, exclude_id: str | None = None) -> list[Hit]:
+    """Rank by the weighted sum of a row's cosines under several conditions (design §3b).
+
+    Candidates are the union of each positively weighted condition's nearest rows; every candidate
+    is then scored exactly under every condition, with its vectors read from each table at the
+    version its search index was built from. A row missing from any condition is not ranked.
+    """
+    if len(parts) == 1 and parts[0].weight > 0:  # one condition: its own ranking, no rescoring needed
+        part = parts[0]
+        hits = search_index(part.index, part.vector, offset + k + 1, instruction=part.condition.instruction)
+        hits = [h for h in hits if h.image_id != exclude_id][offset:offset + k]
+        return [replace(h, rank=offset + i + 1, score=part.weight * h.score) for i, h in enumerate(hits)]
+    pool = max(CANDIDATES_PER_CONDITION, 4 * (k + offset))
+    candidates: dict[str, str] = {}
+    for part in parts:
+        if part.weight <= 0:
             continue
-        hits.append(Hit(rank=len(hits) + 1, path=path, score=float(score)))
-    return hits[:k]
+        _, positions = ann.search(part.index.ann, np.asarray(part.vector, dtype=np.float32), pool)
+        for position in positions[0]:
+            if position >= 0:
+                path = part.index.paths[int(position)].as_py()
+                candidates.setdefault(row_id(path), path)
+    candidates.pop(exclude_id, None)
+    ids = list(candidates)
+    per_condition: dict[str, dict[str, float]] = {i: {} for i in ids}
+    fused = dict.fromkeys(ids, 0.0)
+    for part in parts:
+        vectors = store.vectors_by_id(part.condition, ids, version=part.index.table_version)
+        for row in ids:
+            vector = vectors.get(row)
+            if vector is None:
+                fused.pop(row, None)
+                continue
+            cosine = float(vector @ part.vector)
+            per_condition[row][part.condition.instruction] = cosine
+            if row in fused:
+                fused[row] += part.weight * cosine
+    ranked = sorted(fused.items(), key=lambda item: (-item[1], candidates[item[0]]))[offset:offset + k]
+    return [
+        Hit(rank=offset + i + 1, path=candidates[row], score=score, image_id=row, scores=per_condition[row])
+        for i, (row, score) in enumerate(ranked)
+    ]

@@ -549,6 +549,40 @@ class Store:
         vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, condition.dim)
         return version, paths, np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def vectors_by_id(self, condition: Condition, ids: Sequence[str], version: int | None = None) -> dict[str, np.ndarray]:
+        """The vectors of the rows with these ids (those present), read at ``version`` when given.
+
+        Reading at the version a search index was built from keeps one query on one table state.
+        """
+        if not ids:
+            return {}
+        table = self._table(condition)
+        found: dict[str, np.ndarray] = {}
+        with self._reading(condition):
+            if version is not None and version != table.version:
+                table.checkout(version)
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start:start + 1000]
+                data = table.search().where(f"id IN ({_sql_list(chunk)})").select(["id", "vector"]).limit(None).to_arrow()
+                vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, condition.dim)
+                found.update(zip(data["id"].to_pylist(), vectors.astype(np.float32, copy=False)))
+        return found
+
+    def path_of(self, image_id: str) -> str | None:
+        """The path of an indexed row, looked up by its id in any condition."""
+        if not re.fullmatch(r"[0-9a-f]{40}", image_id):
+            return None
+        for condition in self.conditions():
+            try:
+                table = self._table(condition)
+                with self._reading(condition):
+                    hit = table.search().where(f"id = '{image_id}'").select(["path"]).limit(1).to_arrow()
+            except DamagedIndexError:
+                continue
+            if hit.num_rows:
+                return hit["path"][0].as_py()
+        return None
+
     def exact_search(self, condition: Condition, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top-k (path, inner product) by LanceDB's own brute-force vector search."""
         with self._reading(condition):
