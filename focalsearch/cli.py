@@ -261,6 +261,43 @@ def check(
         _fail(f"{bad} problem(s) left in {report.index}{hint}", 2)
 
 
+@app.command()
+def serve(
+    index_dir: IndexDir = DEFAULT_INDEX,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    token: Annotated[
+        Optional[str], typer.Option("--token", envvar="FOCALSEARCH_TOKEN", help="Every /api request must carry it (Authorization: Bearer T).")
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest accepted request body.")] = 20.0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Serve the JSON API (OpenAPI at /docs) and the web gallery at / for one index."""
+    from focalsearch.server.app import is_loopback
+
+    if not is_loopback(host) and not token:
+        _fail(f"refusing to serve on {host}, which is not a loopback address, without a token; set --token or FOCALSEARCH_TOKEN", 2)
+    _set_threads(threads)
+    _quiet_libraries()
+
+    def start():
+        import uvicorn
+
+        from focalsearch.server.app import create_app
+
+        application = create_app(index_dir, token=token, device=device, precision=precision, max_upload_bytes=int(max_upload_mb * 1e6))
+        config = uvicorn.Config(application, host=host, port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        return server
+
+    server = _run(start)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving {index_dir.resolve()} on http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)", err=True)
+    _run(server.run, interrupted="stopped")
+
+
 @model_app.command("init")
 def model_init(
     base: Annotated[str, typer.Argument(help="CLIP checkpoint: hub id or local folder.")],

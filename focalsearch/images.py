@@ -232,9 +232,17 @@ def load_image(
     if isinstance(read, str):
         return SkippedImage(path, read)
     st, data = read
+    return decode_image_bytes(data, path, mtime_ns=st.st_mtime_ns, max_pixels=max_pixels, min_side=min_side)
+
+
+def decode_image_bytes(
+    data: bytes, path: Path, *, mtime_ns: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> LoadedImage | SkippedImage:
+    """Decode an image held in memory (a file's bytes, or an upload named ``path``) with every
+    check load_image makes: decompression-bomb limit, truncation, EXIF orientation, modes."""
     if not data:
         return SkippedImage(path, "empty file")
-    file_stat = FileStat(path=path, size=len(data), mtime_ns=st.st_mtime_ns)
+    file_stat = FileStat(path=path, size=len(data), mtime_ns=mtime_ns)
     content_hash = hashlib.sha256(data).hexdigest()
     try:
         with _pil_pixel_limit(max_pixels), Image.open(io.BytesIO(data), formats=_decode_formats()) as im:

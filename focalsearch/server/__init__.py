@@ -1,0 +1,1 @@
+"""The HTTP server: FastAPI app and the static web gallery."""

@@ -1,0 +1,302 @@
+"""`focalsearch serve`: the FocalSearch engine behind a JSON API, and the web gallery (design §3b).
+
+The encoder is loaded once and encodes concurrent queries in shared batches; each condition's
+search index is kept while its table is unchanged and reloaded when another process commits to it.
+Images and thumbnails are served by row id only, never by a path taken from a request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import mimetypes
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from focalsearch import errors
+from focalsearch.api import FocalSearch, SearchResult
+from focalsearch.images import LoadedImage, decode_image_bytes
+from focalsearch.server.thumbnails import ThumbnailCache
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1000 * 1000
+TOKEN_COOKIE = "focalsearch_token"
+MAX_TEXT = 2000
+
+
+class PayloadTooLarge(Exception):
+    """A request body above the upload limit."""
+
+
+class WeightedInstruction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instruction: str = Field(max_length=MAX_TEXT)
+    weight: float = 1.0
+
+
+class SearchBody(BaseModel):
+    """POST /api/search as JSON: one query (text or image_id), one instruction or weighted conditions."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    image_id: str | None = Field(None, max_length=64)
+    instruction: str | None = Field(None, max_length=MAX_TEXT)
+    conditions: list[WeightedInstruction] | None = Field(None, min_length=1, max_length=8)
+    k: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0, le=100_000)
+
+
+class CompareBody(BaseModel):
+    """POST /api/compare as JSON: one query under 2 to 4 instructions."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    image_id: str | None = Field(None, max_length=64)
+    instructions: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(min_length=2, max_length=4)
+    k: int = Field(10, ge=1, le=1000)
+
+
+_STATUS = [  # most specific first
+    (errors.UnknownConditionError, 404),
+    (errors.UnknownImageError, 404),
+    (errors.EmptyConditionError, 404),
+    (errors.IndexNotFoundError, 404),
+    (errors.DamagedIndexError, 409),
+    (errors.IndexBusyError, 409),
+    (errors.UserError, 400),
+]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())[:500]}, status_code=status)
+
+
+def _validation_message(exc: ValidationError | RequestValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid request")
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``limit`` bytes, whether they declare a length or stream."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _error(413, f"request body over the {self.limit} byte limit")(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLarge(f"request body over the {self.limit} byte limit")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(
+    index_dir: str | Path,
+    *,
+    token: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    engine: FocalSearch | None = None,
+) -> FastAPI:
+    """The server for one index. Loads the model now, so the first query is as fast as the rest."""
+    engine = engine or FocalSearch(index_dir, device=device, precision=precision, threads=threads)
+    engine.conditions()  # fails now, with its one-line error, on a folder that is not an index
+    engine.enable_batching()
+    thumbnails = ThumbnailCache(Path(index_dir).expanduser().resolve() / "thumbnails", engine.max_pixels)
+
+    app = FastAPI(title="FocalSearch", description="Instruction-conditioned image search.", version="0.1.0")
+    app.state.engine = engine
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if token and request.url.path.startswith("/api"):
+            header = request.headers.get("authorization", "")
+            offered = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
+            if not hmac.compare_digest(offered.encode(), token.encode()):
+                return _error(401, "missing or wrong token: send Authorization: Bearer <token>")
+        return await call_next(request)
+
+    @app.exception_handler(errors.FocalSearchError)
+    async def focalsearch_error(request: Request, exc: errors.FocalSearchError):
+        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, exc.detail)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def too_large(request: Request, exc: PayloadTooLarge):
+        return _error(413, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    def result_dict(result: SearchResult, query: dict) -> dict:
+        out = result.to_dict()
+        out["query"] = query
+        for hit in out["results"]:
+            hit["name"] = Path(hit["path"]).name
+            hit["image"] = f"/api/images/{hit['image_id']}"
+            hit["thumbnail"] = f"/api/thumbnails/{hit['image_id']}?size=256"
+        return out
+
+    async def read_query(request: Request, model: type[BaseModel]) -> tuple[BaseModel, LoadedImage | None, dict]:
+        """The request's fields and, for a multipart upload, the decoded image; plus how to echo the query."""
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=16)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise errors.UserError("a multipart query needs an image file in the field 'image'")
+            fields = {}
+            for name in ("instruction", "conditions", "instructions", "k", "offset"):
+                value = form.get(name)
+                if isinstance(value, str) and value != "":
+                    fields[name] = json.loads(value) if name in ("conditions", "instructions") else value
+            body = model.model_validate(fields)
+            data = await upload.read()
+            loaded = decode_image_bytes(
+                data, Path(upload.filename or "upload"), max_pixels=engine.max_pixels,
+                min_side=engine._batcher.encoder.min_decode_side,
+            )
+            if not isinstance(loaded, LoadedImage):
+                raise errors.InvalidImageError(f"cannot read the uploaded image: {loaded.reason}")
+            return body, loaded, {"upload": upload.filename or "upload"}
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise errors.UserError("the request body is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise errors.UserError("the request body must be a JSON object")
+        body = model.model_validate(raw)
+        query = {"text": body.text} if body.text is not None else {"image_id": body.image_id}
+        return body, None, query
+
+    async def parse(request: Request, model: type[BaseModel]):
+        try:
+            return await read_query(request, model)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        except json.JSONDecodeError:
+            raise errors.UserError("conditions and instructions must be JSON lists") from None
+
+    def query_of(body, upload: LoadedImage | None) -> dict:
+        given = {"text": body.text, "image_id": body.image_id, "image": upload}
+        return {key: value for key, value in given.items() if value is not None}
+
+    schema = {"content": {
+        "application/json": {"schema": SearchBody.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"}, "conditions": {"type": "string"},
+            "instruction": {"type": "string"}, "k": {"type": "integer"}, "offset": {"type": "integer"}}}},
+    }}
+
+    @app.post("/api/search", openapi_extra={"requestBody": schema})
+    async def search(request: Request):
+        """One query (text, image_id or an uploaded image) under one instruction or weighted conditions."""
+        body, upload, echo = await parse(request, SearchBody)
+        conditions = [(c.instruction, c.weight) for c in body.conditions] if body.conditions else None
+        instruction = None if conditions else (body.instruction or "")
+        result = await run_in_threadpool(
+            engine.search, **query_of(body, upload), instruction=instruction, conditions=conditions, k=body.k, offset=body.offset
+        )
+        return result_dict(result, echo)
+
+    compare_schema = {"content": {
+        "application/json": {"schema": CompareBody.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"}, "instructions": {"type": "string"}, "k": {"type": "integer"}}}},
+    }}
+
+    @app.post("/api/compare", openapi_extra={"requestBody": compare_schema})
+    async def compare(request: Request):
+        """The same query under 2 to 4 instructions, one ranked list each."""
+        body, upload, echo = await parse(request, CompareBody)
+        results = await run_in_threadpool(engine.compare, instructions=body.instructions, k=body.k, **query_of(body, upload))
+        return {"query": echo, "columns": [
+            {"instruction": r.instruction, "results": result_dict(r, echo)["results"]} for r in results
+        ]}
+
+    @app.get("/api/conditions")
+    async def conditions():
+        """Every indexed condition with its rows, size on disk, and whether it is damaged."""
+        summaries = await run_in_threadpool(engine.conditions)
+        return {"index": str(engine.index_dir.resolve()), "conditions": [asdict(s) for s in summaries]}
+
+    def indexed_path(image_id: str) -> Path:
+        path = engine.image_path(image_id)
+        if path is None:
+            raise errors.UnknownImageError(f"unknown image_id {image_id[:64]!r}")
+        if not Path(path).is_file():
+            raise errors.UnknownImageError(f"the file of image {image_id} is gone; reindex the folder")
+        return Path(path)
+
+    @app.get("/api/images/{image_id}")
+    async def image(image_id: str):
+        """The indexed image file itself, by row id."""
+        path = await run_in_threadpool(indexed_path, image_id)
+        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/thumbnails/{image_id}")
+    async def thumbnail(image_id: str, size: int = Query(256, ge=16, le=1024)):
+        """A JPEG thumbnail (longest side ``size``), made once and cached beside the index."""
+        path = await run_in_threadpool(indexed_path, image_id)
+        data = await run_in_threadpool(thumbnails.get, image_id, path, size)
+        if data is None:
+            raise errors.UnknownImageError(f"the file of image {image_id} can no longer be read")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "index": str(engine.index_dir.resolve())}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
