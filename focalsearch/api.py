@@ -330,12 +330,6 @@ class FocalSearch:
             raise InvalidImageError(f"cannot read query image {image}: file not found")
         store = self._open_store()
         resolved = [(self.condition(i), w) for i, w in wanted]
-        for condition, _ in resolved:
-            if store.count(condition) == 0:
-                raise EmptyConditionError(
-                    f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
-                    f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(str(store.root))}"
-                )
         try:
             return self._search(store, resolved, image, text, image_id, k, offset)
         except DamagedIndexError:
@@ -366,6 +360,12 @@ class FocalSearch:
         from focalsearch.search import QueryPart, fused_search
 
         indexes = [self._condition_index(store, c) for c, _ in resolved]
+        for (condition, _), index in zip(resolved, indexes):
+            if index.ann.ntotal == 0:
+                raise EmptyConditionError(
+                    f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
+                    f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(str(store.root))}"
+                )
         exclude_id, query = image_id, image_id
         if text is not None:
             vector = self._encode_text(resolved[0][0], text)

@@ -238,7 +238,11 @@ class Store:
                     self.root.mkdir(parents=True)
                 self.created = True
         session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
-        self.db = lancedb.connect(str(self.root / "lancedb"), session=session)
+        # Every read sees the latest committed version (another process may be indexing), which lets
+        # open table handles be kept and reused: checking a handle's version costs well under a ms.
+        self.db = lancedb.connect(str(self.root / "lancedb"), session=session, read_consistency_interval=dt.timedelta(0))
+        self._handles: dict[str, object] = {}
+        self._catalog_cache: tuple[int, list[Condition]] | None = None
 
     @property
     def tables_dir(self) -> Path:
@@ -251,18 +255,34 @@ class Store:
         with _read_errors(self.root, "the index's table list"):
             return set(self.db.list_tables().tables)
 
+    def _open(self, name: str, what: str):
+        """A kept handle on table ``name``, opened on first use; None when there is no such table."""
+        handle = self._handles.get(name)
+        if handle is None:
+            if name not in self._table_names():
+                return None
+            with _read_errors(self.root, what):
+                handle = self._handles[name] = self.db.open_table(name)
+        return handle
+
+    def _forget(self, name: str) -> None:
+        self._handles.pop(name, None)
+        if name == CATALOG_TABLE:
+            self._catalog_cache = None
+
     def _catalog(self, create: bool = False):
-        if CATALOG_TABLE not in self._table_names():
+        catalog = self._open(CATALOG_TABLE, "the catalog of the index")
+        if catalog is None:
             if not create:
                 return None
             with _storage_errors(self.root):
-                return self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA, exist_ok=True)
-        with _read_errors(self.root, "the catalog of the index"):
-            catalog = self.db.open_table(CATALOG_TABLE)
+                catalog = self._handles[CATALOG_TABLE] = self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA, exist_ok=True)
+            return catalog
         if create and catalog.schema != _CATALOG_SCHEMA:  # an older catalog: rewrite it with the new columns
             rows = [Condition.from_catalog_row(r).catalog_row() for r in self._catalog_rows(catalog)]
+            self._forget(CATALOG_TABLE)
             with _storage_errors(self.root):
-                catalog = self.db.create_table(
+                catalog = self._handles[CATALOG_TABLE] = self.db.create_table(
                     CATALOG_TABLE, pa.Table.from_pylist(rows, schema=_CATALOG_SCHEMA), schema=_CATALOG_SCHEMA, mode="overwrite"
                 )
         return catalog
@@ -278,8 +298,15 @@ class Store:
             if self._table_names():
                 raise DamagedIndexError(f"the catalog of index {self.root} is missing; {repair_hint(self.root)}")
             return []
+        with _read_errors(self.root, "the catalog of the index"):
+            version = catalog.version
+        cached = self._catalog_cache
+        if cached is not None and cached[0] == version:
+            return list(cached[1])
         rows = self._catalog_rows(catalog)
-        return sorted((Condition.from_catalog_row(row) for row in rows), key=lambda c: c.instruction)
+        found = sorted((Condition.from_catalog_row(row) for row in rows), key=lambda c: c.instruction)
+        self._catalog_cache = (version, found)
+        return list(found)
 
     def find(self, instruction: str) -> Condition | None:
         """The condition for a normalised instruction, if indexed."""
@@ -301,6 +328,7 @@ class Store:
         described = {k: v for k, v in condition.catalog_row().items() if k in ("instruction", "model", "encoder", "dim")}
         described["created_at"] = condition.created_at.isoformat()
         schema = row_schema(condition.dim, {CONDITION_METADATA_KEY: json.dumps(described).encode()})
+        self._forget(condition.table)
         with _storage_errors(self.root):
             self.db.create_table(condition.table, schema=schema, exist_ok=True)
 
@@ -367,23 +395,24 @@ class Store:
         Returns (conditions recovered, tables that could not be attributed to a condition).
         """
         found, lost = self.read_table_conditions()
+        self._forget(CATALOG_TABLE)
         with _storage_errors(self.root):
             try:
                 self.db.drop_table(CATALOG_TABLE, ignore_missing=True)
             except (RuntimeError, ValueError):
                 pass  # too damaged for LanceDB to drop: remove its folder below
             shutil.rmtree(self.tables_dir / f"{CATALOG_TABLE}.lance", ignore_errors=True)
-            self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA)
+            self._handles[CATALOG_TABLE] = self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA)
         return [self.mark_updated(c) for c in found], lost
 
     # -- rows -----------------------------------------------------------------------------------
     def _table(self, condition: Condition):
-        if condition.table not in self._table_names():
+        table = self._open(condition.table, f"condition {quote_instruction(condition.instruction)}")
+        if table is None:
             raise DamagedIndexError(
                 f"condition {quote_instruction(condition.instruction)} is damaged (its table is missing); {repair_hint(self.root)}"
             )
-        with self._reading(condition):
-            return self.db.open_table(condition.table)
+        return table
 
     def _reading(self, condition: Condition):
         return _read_errors(self.root, f"condition {quote_instruction(condition.instruction)}")
@@ -397,8 +426,10 @@ class Store:
         return self._count(self._table(condition), condition)
 
     def version(self, condition: Condition) -> int:
-        """The table's version; any write changes it."""
-        return self._table(condition).version
+        """The table's latest committed version; any write changes it."""
+        table = self._table(condition)
+        with self._reading(condition):
+            return table.version
 
     def table_dir(self, condition: Condition) -> Path:
         return self.tables_dir / f"{condition.table}.lance"
@@ -461,6 +492,7 @@ class Store:
 
     def drop_table(self, condition: Condition) -> None:
         """Remove a condition's table (its catalog entry stays); used to rebuild a damaged one."""
+        self._forget(condition.table)
         with _storage_errors(self.root):
             try:
                 self.db.drop_table(condition.table, ignore_missing=True)
@@ -560,6 +592,7 @@ class Store:
         found: dict[str, np.ndarray] = {}
         with self._reading(condition):
             if version is not None and version != table.version:
+                table = self.db.open_table(condition.table)  # a handle of its own: the kept one stays at the latest
                 table.checkout(version)
             for start in range(0, len(ids), 1000):
                 chunk = ids[start:start + 1000]
