@@ -209,8 +209,15 @@ class Queries:
         self.check(response)
 
 
-def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmup: int, timeout: float) -> dict:
-    """``warmup`` then ``requests`` requests of one kind from ``concurrency`` client threads; latencies and throughput."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmup: int, timeout: float, server_pid: int) -> dict:
+    """``warmup`` then ``requests`` requests of one kind from ``concurrency`` client threads; latencies,
+    throughput, and the CPU time the server and this client process spent per query (both share the cores)."""
     numbers = itertools.count()
     lock = threading.Lock()
     latencies: list[float] = []
@@ -233,15 +240,18 @@ def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmu
         for future in [pool.submit(worker, warmup, False) for _ in range(concurrency)]:
             future.result()
         numbers = itertools.count()
+        server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         for future in [pool.submit(worker, requests, True) for _ in range(concurrency)]:
             future.result()
         wall = time.perf_counter() - started
+        server_cpu, client_cpu = process_cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     ms = np.array(latencies) * 1000
     return {"kind": kind, "concurrency": concurrency, "requests": len(latencies), "warmup": warmup,
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "max_ms": float(ms.max()),
-            "wall_s": wall, "queries_per_s": len(latencies) / wall}
+            "wall_s": wall, "queries_per_s": len(latencies) / wall,
+            "server_cpu_ms_per_query": server_cpu * 1000 / len(latencies), "client_cpu_ms_per_query": client_cpu * 1000 / len(latencies)}
 
 
 def first_requests(queries: Queries, timeout: float) -> dict[str, float]:
@@ -314,7 +324,7 @@ def main() -> None:
             cells = []
             for kind in KINDS:
                 for concurrency in concurrencies:
-                    cell = run_cell(queries, kind, concurrency, args.requests, args.warmup, args.request_timeout)
+                    cell = run_cell(queries, kind, concurrency, args.requests, args.warmup, args.request_timeout, process.pid)
                     cells.append(cell)
                     print(f"  {kind:>8} x{concurrency:<3} p50 {cell['p50_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms  "
                           f"{cell['queries_per_s']:7.1f} q/s", flush=True)
@@ -334,10 +344,11 @@ def main() -> None:
 
     print(f"\nserve latency, model demo, {built['rows']} images x {len(INSTRUCTIONS)} instructions, k={K}, "
           f"{args.requests} requests per cell after {args.warmup} warm-up (upload PNG {upload_bytes / 1024:.1f} KiB)")
-    print(f"{'kind':>8} | {'conc':>4} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7} | {'q/s':>7}")
+    print(f"{'kind':>8} | {'conc':>4} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7} | {'q/s':>7} | "
+          f"{'server CPU ms/q':>15} | {'client CPU ms/q':>15}")
     for c in cells:
         print(f"{c['kind']:>8} | {c['concurrency']:>4} | {c['p50_ms']:7.1f} | {c['p90_ms']:7.1f} | {c['p99_ms']:7.1f} | "
-              f"{c['mean_ms']:7.1f} | {c['queries_per_s']:7.1f}")
+              f"{c['mean_ms']:7.1f} | {c['queries_per_s']:7.1f} | {c['server_cpu_ms_per_query']:15.2f} | {c['client_cpu_ms_per_query']:15.2f}")
     print(f"server start-up: {startup_s:.2f} s; cold CLI query: {cold['median_s']:.2f} s (median of {cold['repeats']}: "
           + ", ".join(f"{w:.2f}" for w in cold["walls_s"]) + ")")
 
@@ -351,6 +362,16 @@ def main() -> None:
         if 8 in concurrencies:
             scaling = cell[("text", 8)]["queries_per_s"] / cell[("text", 1)]["queries_per_s"]
             goals["text throughput at concurrency 8 / at concurrency 1"] = goal(scaling, GOAL_SCALING, scaling >= GOAL_SCALING)
+            # Where the CPU went at concurrency 8: the clients run on the same cores as the server.
+            busy = cell[("text", 8)]
+            cores = len(os.sched_getaffinity(0))
+            server_cores = busy["server_cpu_ms_per_query"] * busy["queries_per_s"] / 1000
+            client_cores = busy["client_cpu_ms_per_query"] * busy["queries_per_s"] / 1000
+            print(f"\ntext at concurrency 8: {busy['queries_per_s']:.0f} q/s x {busy['server_cpu_ms_per_query']:.2f} ms of server CPU "
+                  f"= {server_cores:.2f} cores busy in the server, x {busy['client_cpu_ms_per_query']:.2f} ms of client CPU = "
+                  f"{client_cores:.2f} cores in the clients, of {cores}. One Python process runs its per-request work "
+                  f"mostly one thread at a time (the GIL), so the server alone could reach about 1000 / "
+                  f"{busy['server_cpu_ms_per_query']:.2f} = {1000 / busy['server_cpu_ms_per_query']:.0f} q/s on one core's worth.")
         speedup = cold["median_s"] * 1000 / cell[("text", 1)]["p50_ms"]
         goals["cold CLI query wall / warm text p50 at concurrency 1"] = goal(speedup, GOAL_COLD_OVER_WARM, speedup >= GOAL_COLD_OVER_WARM)
     else:

@@ -220,12 +220,16 @@ def _median_ms(index: faiss.Index, queries: np.ndarray, k: int) -> float:
     return float(np.median(times) * 1000)
 
 
-def search(ann: AnnIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(ann: AnnIndex, queries: np.ndarray, k: int, *, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product: (scores, positions), each (m, k') with k' <= min(k, ntotal), scores descending.
 
     A 1-D query gives m == 1. Trailing columns that faiss padded with -1 in every row are dropped; with
     several queries, a row with fewer hits than another keeps position -1 / score -inf in its tail.
+    ``threads`` sets FAISS's OpenMP threads for this calling thread: a server answering many
+    single queries at once gains more from running them side by side than from splitting each.
     """
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
     q = _as_matrix(np.atleast_2d(queries), "queries")
     if q.shape[1] != ann.dim:
         raise ValueError(f"query dimension {q.shape[1]} != index dimension {ann.dim}")
@@ -238,6 +242,13 @@ def search(ann: AnnIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     scores, positions, valid = scores[:, :keep], positions[:, :keep], valid[:, :keep]
     scores[~valid] = -np.inf
     return scores, positions.astype(np.int64, copy=False)
+
+
+def reconstruct(ann: AnnIndex, position: int) -> np.ndarray | None:
+    """The stored vector at ``position``, where the index keeps vectors as they are (flat); else None."""
+    if ann.kind != "flat" or ann.device != "cpu" or not 0 <= position < ann.ntotal:
+        return None
+    return np.asarray(ann.index.reconstruct(int(position)), dtype=np.float32)
 
 
 def sidecar_path(path: Path) -> Path:

@@ -54,6 +54,16 @@ class ConditionIndex:
     paths: pa.Array
     table_version: int
     data_files: dict = field(default_factory=dict)  # the table's data files it was built from (size, mtime)
+    _positions: dict = field(default_factory=dict, repr=False, compare=False)  # row id -> position, filled on first use
+
+    def stored_vector(self, image_id: str) -> np.ndarray | None:
+        """A row's vector straight from a flat index (the same table version), or None where it cannot tell."""
+        if self.ann.kind != "flat":
+            return None
+        if not self._positions and len(self.paths):
+            self._positions.update((row_id(p), i) for i, p in enumerate(self.paths.to_pylist()))
+        position = self._positions.get(image_id)
+        return None if position is None else ann.reconstruct(self.ann, position)
 
 
 def faiss_files(store: Store, condition: Condition) -> tuple[Path, Path]:
@@ -123,11 +133,12 @@ def load_condition_index(store: Store, condition: Condition, **build_options) ->
 
 
 def search_index(
-    index: ConditionIndex, query: np.ndarray, k: int, *, exclude: str | None = None, offset: int = 0, instruction: str = ""
+    index: ConditionIndex, query: np.ndarray, k: int, *, exclude: str | None = None, offset: int = 0, instruction: str = "",
+    threads: int | None = None,
 ) -> list[Hit]:
     """Hits ranked offset+1 .. offset+k by inner product, leaving out the path ``exclude`` (a query image in the index)."""
     extra = 1 if exclude is not None else 0
-    scores, positions = ann.search(index.ann, np.asarray(query, dtype=np.float32), offset + k + extra)
+    scores, positions = ann.search(index.ann, np.asarray(query, dtype=np.float32), offset + k + extra, threads=threads)
     hits = []
     for score, position in zip(scores[0], positions[0]):
         path = index.paths[int(position)].as_py()
@@ -142,7 +153,9 @@ def search_index(
 CANDIDATES_PER_CONDITION = 100  # at least; more when k + offset asks for more
 
 
-def fused_search(store: Store, parts: list[QueryPart], k: int, *, offset: int = 0, exclude_id: str | None = None) -> list[Hit]:
+def fused_search(
+    store: Store, parts: list[QueryPart], k: int, *, offset: int = 0, exclude_id: str | None = None, threads: int | None = None
+) -> list[Hit]:
     """Rank by the weighted sum of a row's cosines under several conditions (design §3b).
 
     Candidates are the union of each positively weighted condition's nearest rows; every candidate
@@ -151,7 +164,7 @@ def fused_search(store: Store, parts: list[QueryPart], k: int, *, offset: int = 
     """
     if len(parts) == 1 and parts[0].weight > 0:  # one condition: its own ranking, no rescoring needed
         part = parts[0]
-        hits = search_index(part.index, part.vector, offset + k + 1, instruction=part.condition.instruction)
+        hits = search_index(part.index, part.vector, offset + k + 1, instruction=part.condition.instruction, threads=threads)
         hits = [h for h in hits if h.image_id != exclude_id][offset:offset + k]
         return [replace(h, rank=offset + i + 1, score=part.weight * h.score) for i, h in enumerate(hits)]
     pool = max(CANDIDATES_PER_CONDITION, 4 * (k + offset))
@@ -159,7 +172,7 @@ def fused_search(store: Store, parts: list[QueryPart], k: int, *, offset: int = 
     for part in parts:
         if part.weight <= 0:
             continue
-        _, positions = ann.search(part.index.ann, np.asarray(part.vector, dtype=np.float32), pool)
+        _, positions = ann.search(part.index.ann, np.asarray(part.vector, dtype=np.float32), pool, threads=threads)
         for position in positions[0]:
             if position >= 0:
                 path = part.index.paths[int(position)].as_py()

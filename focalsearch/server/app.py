@@ -124,6 +124,22 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class _RequireToken:
+    """Every /api request must carry the token: ``Authorization: Bearer <token>`` or the page's cookie."""
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/api"):
+            request = Request(scope)
+            header = request.headers.get("authorization", "")
+            offered = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
+            if not hmac.compare_digest(offered.encode(), self.token):
+                return await _error(401, "missing or wrong token: send Authorization: Bearer <token>")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(
     index_dir: str | Path,
     *,
@@ -144,14 +160,8 @@ def create_app(
     app.state.engine = engine
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if token and request.url.path.startswith("/api"):
-            header = request.headers.get("authorization", "")
-            offered = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
-            if not hmac.compare_digest(offered.encode(), token.encode()):
-                return _error(401, "missing or wrong token: send Authorization: Bearer <token>")
-        return await call_next(request)
+    if token:
+        app.add_middleware(_RequireToken, token=token)
 
     @app.exception_handler(errors.FocalSearchError)
     async def focalsearch_error(request: Request, exc: errors.FocalSearchError):
@@ -243,7 +253,7 @@ def create_app(
         result = await run_in_threadpool(
             engine.search, **query_of(body, upload), instruction=instruction, conditions=conditions, k=body.k, offset=body.offset
         )
-        return result_dict(result, echo)
+        return JSONResponse(result_dict(result, echo))
 
     compare_schema = {"content": {
         "application/json": {"schema": CompareBody.model_json_schema()},
@@ -256,9 +266,9 @@ def create_app(
         """The same query under 2 to 4 instructions, one ranked list each."""
         body, upload, echo = await parse(request, CompareBody)
         results = await run_in_threadpool(engine.compare, instructions=body.instructions, k=body.k, **query_of(body, upload))
-        return {"query": echo, "columns": [
+        return JSONResponse({"query": echo, "columns": [
             {"instruction": r.instruction, "results": result_dict(r, echo)["results"]} for r in results
-        ]}
+        ]})
 
     @app.get("/api/conditions")
     async def conditions():
@@ -292,7 +302,9 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "index": str(engine.index_dir.resolve())}
+        batcher = engine._batcher
+        return {"status": "ok", "index": str(engine.index_dir.resolve()),
+                "queries_encoded": batcher.encoded, "forward_passes": batcher.batches}
 
     @app.get("/", include_in_schema=False)
     async def page():
