@@ -240,18 +240,23 @@ def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmu
         for future in [pool.submit(worker, warmup, False) for _ in range(concurrency)]:
             future.result()
         numbers = itertools.count()
+        passes = httpx.get(f"{queries.base}/healthz", timeout=timeout).json()
         server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         for future in [pool.submit(worker, requests, True) for _ in range(concurrency)]:
             future.result()
         wall = time.perf_counter() - started
         server_cpu, client_cpu = process_cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
+        after = httpx.get(f"{queries.base}/healthz", timeout=timeout).json()
+    encoded = after["queries_encoded"] - passes["queries_encoded"]
+    forward_passes = after["forward_passes"] - passes["forward_passes"]
     ms = np.array(latencies) * 1000
     return {"kind": kind, "concurrency": concurrency, "requests": len(latencies), "warmup": warmup,
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "max_ms": float(ms.max()),
             "wall_s": wall, "queries_per_s": len(latencies) / wall,
-            "server_cpu_ms_per_query": server_cpu * 1000 / len(latencies), "client_cpu_ms_per_query": client_cpu * 1000 / len(latencies)}
+            "server_cpu_ms_per_query": server_cpu * 1000 / len(latencies), "client_cpu_ms_per_query": client_cpu * 1000 / len(latencies),
+            "encodings_per_forward_pass": encoded / forward_passes if forward_passes else None}
 
 
 def first_requests(queries: Queries, timeout: float) -> dict[str, float]:
@@ -345,10 +350,11 @@ def main() -> None:
     print(f"\nserve latency, model demo, {built['rows']} images x {len(INSTRUCTIONS)} instructions, k={K}, "
           f"{args.requests} requests per cell after {args.warmup} warm-up (upload PNG {upload_bytes / 1024:.1f} KiB)")
     print(f"{'kind':>8} | {'conc':>4} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7} | {'q/s':>7} | "
-          f"{'server CPU ms/q':>15} | {'client CPU ms/q':>15}")
+          f"{'server CPU ms/q':>15} | {'client CPU ms/q':>15} | {'per pass':>8}")
     for c in cells:
         print(f"{c['kind']:>8} | {c['concurrency']:>4} | {c['p50_ms']:7.1f} | {c['p90_ms']:7.1f} | {c['p99_ms']:7.1f} | "
-              f"{c['mean_ms']:7.1f} | {c['queries_per_s']:7.1f} | {c['server_cpu_ms_per_query']:15.2f} | {c['client_cpu_ms_per_query']:15.2f}")
+              f"{c['mean_ms']:7.1f} | {c['queries_per_s']:7.1f} | {c['server_cpu_ms_per_query']:15.2f} | {c['client_cpu_ms_per_query']:15.2f} | "
+              + (f"{c['encodings_per_forward_pass']:8.2f}" if c["encodings_per_forward_pass"] else f"{'-':>8}"))
     print(f"server start-up: {startup_s:.2f} s; cold CLI query: {cold['median_s']:.2f} s (median of {cold['repeats']}: "
           + ", ".join(f"{w:.2f}" for w in cold["walls_s"]) + ")")
 
