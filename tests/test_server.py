@@ -65,6 +65,9 @@ def test_health_and_conditions(served):
     assert {c["instruction"]: c["rows"] for c in listed["conditions"]} == {"background": 120, "color": 120, "shape": 120}
     assert all(c["bytes"] > 0 and c["damaged"] is None for c in listed["conditions"])
     assert "/api/search" in client.get("/openapi.json").json()["paths"]
+    docs = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "https://" not in docs  # works offline
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
 def test_text_search_has_cli_fields_and_links(served):

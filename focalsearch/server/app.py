@@ -17,12 +17,14 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from focalsearch import errors
 from focalsearch.api import FocalSearch, SearchResult
@@ -156,7 +158,9 @@ def create_app(
     engine.enable_batching()
     thumbnails = ThumbnailCache(Path(index_dir).expanduser().resolve() / "thumbnails", engine.max_pixels)
 
-    app = FastAPI(title="FocalSearch", description="Instruction-conditioned image search.", version="0.1.0")
+    # Swagger UI from a package rather than FastAPI's default CDN, so /docs works offline too.
+    app = FastAPI(title="FocalSearch", description="Instruction-conditioned image search.", version="0.1.0",
+                  docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
 
@@ -310,5 +314,12 @@ def create_app(
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="FocalSearch API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
