@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -343,8 +344,31 @@ def train(
     resolution: Annotated[int, typer.Option(min=8, help="ColorShape image size.")] = 64,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Train with this many processes (data parallel, through torchrun): one per GPU, or gloo on CPUs.")
+    ] = 1,
 ) -> None:
-    """Contrastively train a checkpoint: instruction tuning (FocalLens) or caption training (CLIP)."""
+    """Contrastively train a checkpoint: instruction tuning (FocalLens) or caption training (CLIP).
+
+    --batch-size is the global batch; with --nproc N each process takes 1/N of it, and the loss
+    sees the negatives of the whole batch. The same runs as: torchrun --nproc-per-node N -m focalsearch.train ...
+    """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if batch_size % nproc:
+            _fail(f"--batch-size {batch_size} (the global batch) must divide among {nproc} processes", 2)
+        forwarded = {
+            "--base": base, "--out": out, "--data": data, "--image-root": image_root, "--objective": objective, "--steps": steps,
+            "--batch-size": batch_size, "--lr": lr, "--warmup": warmup, "--caption-weight": caption_weight,
+            "--image-weight": image_weight, "--recolor": recolor, "--phrasing-noise": phrasing_noise, "--seed": seed,
+            "--save-every": save_every, "--resolution": resolution, "--device": device, "--threads": threads,
+        }
+        argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
+        argv += ["--train-text"] if train_text else []
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "focalsearch.train"]
+        from focalsearch.threads import available_cores
+
+        env = {"OMP_NUM_THREADS": str(max(1, available_cores() // nproc)), **os.environ}  # the cores, shared out
+        raise typer.Exit(subprocess.run([*launcher, *argv], env=env).returncode)
     _set_threads(threads)
     _quiet_libraries()
     from focalsearch.train.data import ColorShapeSource, LlavaSource, read_llava_json
@@ -366,6 +390,8 @@ def train(
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 
     result = _run(go, interrupted="interrupted; rerun the same command to resume from the last saved checkpoint")
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
     first, last = result.losses[0], result.losses[-1]
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
     typer.echo(f"trained {result.steps} steps{resumed} in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")

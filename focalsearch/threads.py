@@ -31,12 +31,14 @@ def available_cores() -> int:
 
 
 def configure_threads(threads: int | None = None) -> int:
-    """Set torch's CPU threads (default: available_cores()); returns the number set."""
+    """Set torch's CPU threads (default: OMP_NUM_THREADS where set, as torchrun does for its
+    processes, else available_cores()); returns the number set."""
     if "torch" not in sys.modules:
         prepare_environment()
     import torch
 
-    count = threads or available_cores()
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    count = threads or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else available_cores())
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count

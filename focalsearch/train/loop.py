@@ -32,7 +32,9 @@ from focalsearch.models.focallens_clip import FocalLensCLIPModel
 from focalsearch.models.init_checkpoint import focallens_from_clip
 from focalsearch.models.loading import load_clip_family, resolve_model
 from focalsearch.models.saving import write_checkpoint
+from focalsearch.train import distributed
 from focalsearch.train.data import TrainingBatch, TrainingSource
+from focalsearch.train.distributed import Ranks
 
 RESUME_DIR = "checkpoint-last"
 STATE_FILE = "training_state.json"
@@ -116,11 +118,15 @@ def _lr_factor(step: int, options: TrainOptions) -> float:
 
 
 class _Trainer:
-    def __init__(self, model, tokenizer, processor, options: TrainOptions):
+    def __init__(self, model, tokenizer, processor, options: TrainOptions, ranks: Ranks = Ranks()):
         self.model, self.tokenizer, self.processor, self.options = model, tokenizer, processor, options
+        self.ranks = ranks
         self.device = pick_device(options.device)
+        if ranks.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", ranks.local_rank)
         self.autocast_dtype = inference_dtype(self.device)
         self.model.to(self.device).train()
+        distributed.broadcast_parameters(self.model, ranks)
         self.freeze_text = options.objective == "instruction" and not options.train_text
         text_parts = [self.model.text_model, self.model.text_projection]
         for part in text_parts:
@@ -178,22 +184,24 @@ class _Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def loss(self, batch: TrainingBatch, pixels: torch.Tensor) -> torch.Tensor:
-        model, scale = self.model, self.model.logit_scale.exp().clamp(max=100)
+        """The loss of the global batch: this rank's slice, with the other ranks' embeddings gathered."""
+        model, scale, ranks = self.model, self.model.logit_scale.exp().clamp(max=100), self.ranks
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.device.type == "cuda"):
             if self.options.objective == "caption":
                 image = model.get_image_features(pixel_values=pixels).pooler_output
             else:
                 tokens, mask = self._instruction_tokens(batch.instructions)
                 image = model.conditional_image_features(pixels, tokens, mask)
-            image = F.normalize(image.float(), dim=-1)
-            unique, labels = _dedupe(batch.targets)
+            image = distributed.gather_with_grad(F.normalize(image.float(), dim=-1), ranks)
+            unique, labels = _dedupe(distributed.gather_strings(batch.targets, ranks))
             labels = labels.to(self.device)
             loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale)
             if self.options.objective == "instruction" and self.options.image_weight > 0:
                 loss = loss + self.options.image_weight * same_answer_image_loss(image, labels, scale)
             if self.options.objective == "instruction" and self.options.caption_weight > 0 and batch.captions:
                 plain = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
-                unique, labels = _dedupe(batch.captions)
+                plain = distributed.gather_with_grad(plain, ranks)
+                unique, labels = _dedupe(distributed.gather_strings(batch.captions, ranks))
                 caption_loss = multi_positive_clip_loss(plain, self._embed_texts(unique), labels.to(self.device), scale)
                 loss = loss + self.options.caption_weight * caption_loss
         return loss
@@ -204,6 +212,9 @@ class _Trainer:
         loss = self.loss(batch, pixels.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Every rank computed the whole global batch's loss; the gathered rows sent each rank world x
+        # its own rows' gradient, so the average across ranks is the one-process gradient.
+        distributed.average_gradients(self.trainable, self.ranks)
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         return float(loss.detach())
@@ -241,8 +252,9 @@ def _load_start(base: str, out: Path, options: TrainOptions):
     return model, tokenizer, processor, None
 
 
-def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int):
-    """Build (batch, pixels) for the coming steps in a thread while the current step trains."""
+def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int, ranks: Ranks = Ranks()):
+    """Build (batch, pixels) for the coming steps in a thread while the current step trains; with
+    several ranks, each takes its slice of the global batch (a distributed sampler over the source)."""
     results: dict[int, tuple[TrainingBatch, torch.Tensor]] = {}
     ready = threading.Condition()
     errors: list[BaseException] = []
@@ -251,7 +263,7 @@ def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int):
     def work() -> None:
         try:
             for step in steps:
-                batch = source.batch(step, batch_size)
+                batch = distributed.shard(source.batch(step, batch_size), ranks)
                 pixels = processor(images=batch.images, return_tensors="pt")["pixel_values"]
                 with ready:
                     while len(results) >= 2 and not stop.is_set():
@@ -284,13 +296,26 @@ def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int):
 
 
 def train(base: str, out: str | Path, source: TrainingSource, options: TrainOptions, *, progress: bool = True) -> TrainResult:
-    """Train from ``base`` (or resume OUT/checkpoint-last) and save a from_pretrained-loadable model to ``out``."""
+    """Train from ``base`` (or resume OUT/checkpoint-last) and save a from_pretrained-loadable model to ``out``.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains its slice of each global batch of
+    ``options.batch_size``, and rank 0 alone writes checkpoints.
+    """
     if options.objective not in ("instruction", "caption"):
         raise UserError(f"unknown objective {options.objective!r}; use instruction or caption")
-    out = Path(out).expanduser().resolve()
+    ranks = distributed.setup(options.device)
+    try:
+        return _train(base, Path(out).expanduser().resolve(), source, options, progress and ranks.is_main, ranks)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(base: str, out: Path, source: TrainingSource, options: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
+    if options.batch_size % ranks.world:
+        raise UserError(f"--batch-size {options.batch_size} (the global batch) must divide among {ranks.world} processes")
     torch.manual_seed(options.seed)
     model, tokenizer, processor, state = _load_start(base, out, options)
-    trainer = _Trainer(model, tokenizer, processor, options)
+    trainer = _Trainer(model, tokenizer, processor, options, ranks)
     start = 0
     losses: list[float] = []
     if state is not None:
@@ -304,10 +329,12 @@ def train(base: str, out: str | Path, source: TrainingSource, options: TrainOpti
             save_file(trainer.optimizer_tensors(), str(folder / OPTIMIZER_FILE))
             (folder / STATE_FILE).write_text(json.dumps({"step": step, "losses": losses, "options": asdict(options)}))
 
-        write_checkpoint(out / RESUME_DIR, trainer.model, tokenizer, processor, extra)
+        if ranks.is_main:
+            write_checkpoint(out / RESUME_DIR, trainer.model, tokenizer, processor, extra)
+        distributed.barrier(ranks)
 
     with tqdm(total=options.steps, initial=start, disable=not progress, desc=f"training ({options.objective})", unit="step") as bar:
-        for step, (batch, pixels) in _prefetch(source, processor, range(start, options.steps), options.batch_size):
+        for step, (batch, pixels) in _prefetch(source, processor, range(start, options.steps), options.batch_size, ranks):
             losses.append(round(trainer.step(step, batch, pixels), 5))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", scale=f"{trainer.model.logit_scale.detach().exp().item():.1f}")
@@ -316,10 +343,12 @@ def train(base: str, out: str | Path, source: TrainingSource, options: TrainOpti
     trainer.model.eval()
 
     def write_log(folder: Path) -> None:
-        (folder / LOG_FILE).write_text(json.dumps({"options": asdict(options), "losses": losses}))
+        (folder / LOG_FILE).write_text(json.dumps({"options": asdict(options), "losses": losses, "processes": ranks.world}))
 
     # The finished model replaces the whole OUT folder, resume state included.
-    write_checkpoint(out, trainer.model, tokenizer, processor, write_log)
-    shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
+    if ranks.is_main:
+        write_checkpoint(out, trainer.model, tokenizer, processor, write_log)
+        shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
+    distributed.barrier(ranks)
     result.seconds = time.perf_counter() - started
     return result
