@@ -184,11 +184,18 @@ class FocalSearch:
             handle.close()
 
     # -- public API -------------------------------------------------------------------------------
-    def index(self, paths: Sequence[str | Path], instructions: Sequence[str] = ("",), *, progress: bool = False):
+    def index(
+        self, paths: Sequence[str | Path], instructions: Sequence[str] = ("",), *, progress: bool = False,
+        engine: str = "local", ray: "RayOptions | None" = None,
+    ):
         """Encode the images under ``paths`` for each instruction; returns an IndexReport.
 
-        Unchanged files are skipped, changed files re-encoded, vanished files removed.
+        Unchanged files are skipped, changed files re-encoded, vanished files removed. ``engine="ray"``
+        runs decoding and encoding as a Ray Data job (``ray``: where and how wide); the plan and
+        the commits stay in this process, with the same semantics.
         """
+        if engine not in ("local", "ray"):
+            raise UserError(f"unknown engine {engine!r}; use local or ray")
         from focalsearch.instructions import normalize_instruction
 
         if not paths:
@@ -204,14 +211,14 @@ class FocalSearch:
         store = self._open_store(create=True)
         try:
             with self._write_lock(store):
-                report = self._index_locked(store, paths, wanted, progress)
+                report = self._index_locked(store, paths, wanted, progress, engine, ray)
         except BaseException:
             if not existed:
                 _remove_unborn_index(store)
             raise
         return report
 
-    def _index_locked(self, store: Store, paths, wanted: list[str], progress: bool):
+    def _index_locked(self, store: Store, paths, wanted: list[str], progress: bool, engine: str = "local", ray=None):
         from focalsearch.indexer import Indexer
         from focalsearch.search import load_condition_index
 
@@ -229,11 +236,18 @@ class FocalSearch:
             conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
         else:
             conditions = [store.find(i) for i in wanted]
-        indexer = Indexer(
-            store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
-            max_pixels=self.max_pixels, progress=progress, encoder=self._encoders.get("both"),
-            commit_seconds=self.commit_seconds,
+        options = dict(
+            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels, progress=progress,
+            encoder=self._encoders.get("both"), commit_seconds=self.commit_seconds,
         )
+        if engine == "ray":
+            from focalsearch.ray_engine import RayIndexer, RayOptions
+
+            ray = ray or RayOptions(device=self.device, precision=self.precision)
+            indexer = RayIndexer(store, lambda: self._load_encoder(recorded), model=conditions[0].model,
+                                 encoder_name=conditions[0].encoder, ray=ray, **options)
+        else:
+            indexer = Indexer(store, lambda: self._load_encoder(recorded), **options)
         report = indexer.run(paths, conditions)
         for condition in conditions:
             load_condition_index(store, condition)  # rebuilds the derived FAISS index if the table changed

@@ -107,6 +107,10 @@ def index(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
+    engine_name: Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray Data job).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to run on (default: start a local one).")] = None,
+    encode_workers: Annotated[int, typer.Option("--encode-workers", min=1, help="Ray: encoder actors, one warm model each.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0, help="Ray: GPUs per encoder actor (0: CPU).")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode the images under PATHS for each instruction into the index (incremental)."""
@@ -119,7 +123,12 @@ def index(
             index_dir, model, encoder=encoder, device=device, batch_size=batch_size, workers=workers,
             max_pixels=max_pixels, commit_seconds=commit_every, precision=precision,
         )
-        return engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty())
+        ray = None
+        if engine_name == "ray":
+            from focalsearch.ray_engine import RayOptions
+
+            ray = RayOptions(ray_address, encode_workers, gpus_per_worker, device, precision)
+        return engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty(), engine=engine_name, ray=ray)
 
     report = _run(go)
     if as_json:

@@ -173,22 +173,12 @@ class Indexer:
             else:
                 report.unchanged += 1
 
-        batch = _Batch()
         touched: dict[str, list[FileRecord]] = {c.table: [] for c in conditions}
         writes = {c.table: _Writes() for c in conditions}
         completed = False
         try:
             with tqdm(total=len(todo), unit="img", disable=not self.progress, desc="indexing") as bar:
-                for item in self._decode(todo):
-                    bar.update(1)
-                    report.timings["decode"] += item.seconds
-                    self._route(item, records, batch, touched, report)
-                    if len(batch) >= self.batch_size:
-                        self._encode(batch, records, writes, report)
-                        batch = _Batch()
-                        self._commit(conditions, writes, report, force=False)
-                    self._flush_touched(conditions, touched, force=False)
-                self._encode(batch, records, writes, report)
+                self._process(todo, conditions, records, writes, touched, report, bar)
                 self._commit(conditions, writes, report, force=True)
                 self._flush_touched(conditions, touched, force=True)
             completed = True
@@ -211,6 +201,20 @@ class Indexer:
                 self.store.tidy_catalog()
             report.seconds = time.perf_counter() - started
         return report
+
+    def _process(self, todo, conditions, records, writes: dict[str, "_Writes"], touched, report: IndexReport, bar) -> None:
+        """Decode and encode ``todo`` in this process, committing by time as it goes."""
+        batch = _Batch()
+        for item in self._decode(todo):
+            bar.update(1)
+            report.timings["decode"] += item.seconds
+            self._route(item, records, batch, touched, report)
+            if len(batch) >= self.batch_size:
+                self._encode(batch, records, writes, report)
+                batch = _Batch()
+                self._commit(conditions, writes, report, force=False)
+            self._flush_touched(conditions, touched, force=False)
+        self._encode(batch, records, writes, report)
 
     def _compact(self, conditions: Sequence[Condition]) -> None:
         """Merge the run's small fragments, then delete the versions they superseded.

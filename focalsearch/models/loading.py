@@ -104,6 +104,18 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def load_image_processor(name_or_path: str | None):
+    """Only the image processor of a checkpoint (resize, crop, normalise), for decode workers."""
+    from transformers import AutoImageProcessor
+
+    quiet_transformers()
+    ref = resolve_model(name_or_path)
+    try:
+        return AutoImageProcessor.from_pretrained(ref.location, **_load_options(ref))
+    except Exception as exc:
+        raise ModelLoadError(_cannot_load(ref, exc)) from exc
+
+
 def load_clip_family(ref: ModelRef, towers: str = "both"):
     """Load model, tokenizer and image processor; the model is a CLIPModel or FocalLensCLIPModel.
 

@@ -1,0 +1,182 @@
+"""`focalsearch index --engine ray`: the indexing pipeline as a Ray Data job (design §3c).
+
+The driver plans as the local engine does (scan, diff against the tables, drop vanished files)
+and writes as it does (rows buffered per condition and committed every few seconds, so a killed
+job loses at most that much and a rerun duplicates nothing). In between, Ray runs:
+- decode + preprocess as CPU tasks, each image decoded once for all its conditions; a file whose
+  bytes are unchanged (same content hash) keeps its vectors;
+- encoding in an actor pool, one warm model per actor, on GPUs where the cluster has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
+from focalsearch.indexer import Indexer, IndexReport
+from focalsearch.store import FileRecord, row_id
+
+_FILE_FIELDS = ("size", "mtime_ns", "content_hash", "width", "height")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray job runs."""
+
+    address: str | None = None  # None: start a local Ray instance for this run
+    encode_workers: int = 1
+    gpus_per_worker: float = 0.0
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@functools.lru_cache(maxsize=2)
+def _processor(model: str):
+    from focalsearch.models.loading import load_image_processor
+
+    return load_image_processor(model)
+
+
+def _decode_batch(batch: dict, *, model: str, max_pixels: int, min_side: int | None) -> dict:
+    """Ray task body: read, hash, decode and preprocess a batch of files."""
+    processor = _processor(model)
+    out = {name: [] for name in ("path", "needs", "kept", "reason", "pixels", *_FILE_FIELDS)}
+    shape = None
+    for path, tables, previous in zip(batch["path"], batch["tables"], batch["previous"]):
+        loaded = load_image(str(path), max_pixels=max_pixels, min_side=min_side)
+        tables, previous = list(tables), list(previous)
+        if isinstance(loaded, LoadedImage):
+            pixels = processor(images=[loaded.image], return_tensors="np")["pixel_values"][0].astype(np.float32)
+            shape = pixels.shape
+            kept = [t for t, h in zip(tables, previous) if h == loaded.content_hash]
+            fields = (loaded.stat.size, loaded.stat.mtime_ns, loaded.content_hash, loaded.width, loaded.height)
+            needs, reason = [t for t in tables if t not in kept], ""
+        else:
+            pixels, kept, needs, fields, reason = None, [], [], (0, 0, "", 0, 0), loaded.reason
+        out["path"].append(str(path))
+        out["needs"].append(needs)
+        out["kept"].append(kept)
+        out["reason"].append(reason)
+        out["pixels"].append(pixels)
+        for name, value in zip(_FILE_FIELDS, fields):
+            out[name].append(value)
+    blank = np.zeros(shape or (3, 1, 1), np.float32)
+    if shape is None:  # nothing decoded in this batch: every row is skipped
+        out["pixels"] = np.stack([blank for _ in out["pixels"]])
+    else:
+        out["pixels"] = np.stack([p if p is not None else blank for p in out["pixels"]])
+    return out
+
+
+class _Encode:
+    """Ray actor body: one warm model; encodes each image under every condition it needs."""
+
+    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str]):
+        from focalsearch.models import create_encoder
+
+        self.encoder = create_encoder(model, encoder=encoder, device=device, precision=precision)
+        self.instructions = instructions
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        rows = len(batch["path"])
+        vectors = [dict() for _ in range(rows)]
+        for table, instruction in self.instructions.items():
+            wanted = [i for i in range(rows) if table in list(batch["needs"][i])]
+            if wanted:
+                encoded = self.encoder.encode_pixels(pixels[wanted], instruction)
+                for i, vector in zip(wanted, encoded):
+                    vectors[i][table] = vector
+        out = {name: batch[name] for name in ("path", "needs", "kept", "reason", *_FILE_FIELDS)}
+        out["vectors"] = [[vectors[i][t] for t in batch["needs"][i]] for i in range(rows)]
+        return out
+
+
+class RayIndexer(Indexer):
+    """The local indexer's plan and writes around a Ray Data decode/encode job."""
+
+    def __init__(self, store, load_encoder, *, model: str, encoder_name: str, ray: RayOptions = RayOptions(), **options):
+        super().__init__(store, load_encoder, **options)
+        self.model, self.encoder_name, self.ray = model, encoder_name, ray
+
+    def _process(self, todo, conditions, records, writes, touched, report: IndexReport, bar) -> None:
+        if not todo:
+            return
+        import ray
+        import ray.data
+
+        with warnings.catch_warnings():
+            # Ray starts its workers by fork+exec, which LanceDB's fork hook warns about; exec leaves nothing shared.
+            warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")  # max_restarts has no named parameter yet
+            self._on_ray(ray, todo, conditions, records, writes, touched, report, bar)
+
+    def _on_ray(self, ray, todo, conditions, records, writes, touched, report: IndexReport, bar) -> None:
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.ray.address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            self._run_job(ray.data, todo, conditions, records, writes, touched, report, bar)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run_job(self, data, todo, conditions, records, writes, touched, report: IndexReport, bar) -> None:
+        by_table = {c.table: c for c in conditions}
+        items = []
+        for stat, stale in todo:
+            path = str(stat.path)
+            previous = [getattr(records[c.table].get(path), "content_hash", "") or "" for c in stale]
+            items.append({"path": path, "tables": [c.table for c in stale], "previous": previous})
+        loaded = self._encoder
+        min_side = loaded.min_decode_side if loaded is not None else None
+        blocks = max(1, min(len(items) // self.batch_size, 64))
+        job = (
+            data.from_items(items, override_num_blocks=blocks)
+            .map_batches(_decode_batch, fn_kwargs={"model": self.model, "max_pixels": self.max_pixels, "min_side": min_side},
+                         batch_size=self.batch_size, num_cpus=1)
+            .map_batches(_Encode, fn_constructor_kwargs={
+                "model": self.model, "encoder": self.encoder_name, "device": self.ray.device, "precision": self.ray.precision,
+                "instructions": {c.table: c.instruction for c in conditions}},
+                batch_size=self.batch_size, compute=data.ActorPoolStrategy(size=self.ray.encode_workers),
+                num_gpus=self.ray.gpus_per_worker or None, num_cpus=0 if self.ray.gpus_per_worker else 1,
+                max_restarts=0)  # a lost actor fails the job; the rerun resumes from the last commit
+        )
+        for batch in job.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            for i, path in enumerate(batch["path"]):
+                bar.update(1)
+                self._route_row(str(path), {k: batch[k][i] for k in batch}, by_table, records, writes, touched, report)
+            self._commit(conditions, writes, report, force=False)
+            self._flush_touched(conditions, touched, force=False)
+
+    def _route_row(self, path: str, row: dict, by_table, records, writes, touched, report: IndexReport) -> None:
+        from focalsearch.images import SkippedImage
+        from pathlib import Path
+
+        if row["reason"]:
+            report.skipped.append(SkippedImage(Path(path), str(row["reason"])))
+            stale = [t for t, recorded in records.items() if path in recorded and t in by_table]
+            for table in stale:  # a file that became unreadable must not keep its old vector
+                self.store.delete(by_table[table], [records[table][path].id])
+            report.removed += bool(stale)
+            return
+        record = FileRecord(row_id(path), path, int(row["size"]), int(row["mtime_ns"]), str(row["content_hash"]),
+                            int(row["width"]), int(row["height"]))
+        for table in row["kept"]:
+            touched[table].append(record)
+        for table, vector in zip(row["needs"], row["vectors"]):
+            writes[table].put(record, np.asarray(vector, dtype=np.float32), new=path not in records[table])
+        if len(row["needs"]):
+            report.encoded += 1
+        else:
+            report.unchanged += 1
