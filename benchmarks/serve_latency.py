@@ -138,10 +138,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(index: str, port: int, log, timeout: float) -> tuple[subprocess.Popen, float]:
+def start_server(index: str, port: int, log, timeout: float, workers: int = 1) -> tuple[subprocess.Popen, float]:
     """Start `focalsearch serve` and wait until /healthz answers 200; returns the process and its start-up seconds."""
     started = time.perf_counter()
-    process = subprocess.Popen([*focalsearch_command(), "serve", "--index", index, "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen([*focalsearch_command(), "serve", "--index", index, "--host", "127.0.0.1", "--port", str(port),
+                                "--workers", str(workers)],
                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/healthz"
     with httpx.Client(timeout=2.0) as client:
@@ -210,9 +211,18 @@ class Queries:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and its live children (server workers), all threads (Linux /proc)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmup: int, timeout: float, server_pid: int) -> dict:
@@ -303,6 +313,7 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--cold-timeout", type=float, default=300.0, help="seconds one cold CLI query may take")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (serve --workers); per-pass counts then read one worker")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     concurrencies = sorted({int(c) for c in args.concurrency.split(",")})
@@ -318,7 +329,7 @@ def main() -> None:
         port = args.port or free_port()
         base = f"http://127.0.0.1:{port}"
         with open(log_path, "wb") as log:
-            process, startup_s = start_server(index, port, log, args.startup_timeout)
+            process, startup_s = start_server(index, port, log, args.startup_timeout, args.workers)
             print(f"server start-up (process start to /healthz 200): {startup_s:.2f} s, on {base}", flush=True)
             with httpx.Client(timeout=args.request_timeout) as client:
                 queries = Queries(base, client, args.uploads)
@@ -347,6 +358,9 @@ def main() -> None:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    if args.workers > 1:  # /healthz answers from one worker at a time: its counters say nothing of the others
+        for c in cells:
+            c["encodings_per_forward_pass"] = None
     print(f"\nserve latency, model demo, {built['rows']} images x {len(INSTRUCTIONS)} instructions, k={K}, "
           f"{args.requests} requests per cell after {args.warmup} warm-up (upload PNG {upload_bytes / 1024:.1f} KiB)")
     print(f"{'kind':>8} | {'conc':>4} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7} | {'q/s':>7} | "
@@ -373,11 +387,17 @@ def main() -> None:
             cores = len(os.sched_getaffinity(0))
             server_cores = busy["server_cpu_ms_per_query"] * busy["queries_per_s"] / 1000
             client_cores = busy["client_cpu_ms_per_query"] * busy["queries_per_s"] / 1000
+            per_query = busy["server_cpu_ms_per_query"] + busy["client_cpu_ms_per_query"]
             print(f"\ntext at concurrency 8: {busy['queries_per_s']:.0f} q/s x {busy['server_cpu_ms_per_query']:.2f} ms of server CPU "
                   f"= {server_cores:.2f} cores busy in the server, x {busy['client_cpu_ms_per_query']:.2f} ms of client CPU = "
-                  f"{client_cores:.2f} cores in the clients, of {cores}. One Python process runs its per-request work "
-                  f"mostly one thread at a time (the GIL), so the server alone could reach about 1000 / "
-                  f"{busy['server_cpu_ms_per_query']:.2f} = {1000 / busy['server_cpu_ms_per_query']:.0f} q/s on one core's worth.")
+                  f"{client_cores:.2f} cores in the clients, of {cores}. With clients and server sharing the cores, the most "
+                  f"this CPU allows is {cores} x 1000 / {per_query:.2f} = {cores * 1000 / per_query:.0f} q/s, "
+                  f"{cores * 1000 / per_query / cell[('text', 1)]['queries_per_s']:.2f} x the concurrency-1 rate.")
+            if args.workers == 1:
+                print(f"One server process runs its per-request Python mostly one thread at a time (the GIL): about "
+                      f"1000 / {busy['server_cpu_ms_per_query']:.2f} = {1000 / busy['server_cpu_ms_per_query']:.0f} q/s; --workers 2 lifts that.")
+            goals["text at concurrency 8 / the CPU bound at concurrency 8 (clients and server sharing the cores)"] = goal(
+                busy["queries_per_s"] * per_query / (cores * 1000), 0.85, busy["queries_per_s"] * per_query / (cores * 1000) >= 0.85)
         speedup = cold["median_s"] * 1000 / cell[("text", 1)]["p50_ms"]
         goals["cold CLI query wall / warm text p50 at concurrency 1"] = goal(speedup, GOAL_COLD_OVER_WARM, speedup >= GOAL_COLD_OVER_WARM)
     else:

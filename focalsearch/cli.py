@@ -280,6 +280,9 @@ def serve(
         Optional[str], typer.Option("--token", envvar="FOCALSEARCH_TOKEN", help="Every /api request must carry it (Authorization: Bearer T).")
     ] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest accepted request body.")] = 20.0,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Server processes, each with its own model and query batching (they share the port).")
+    ] = 1,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -289,6 +292,23 @@ def serve(
 
     if not is_loopback(host) and not token:
         _fail(f"refusing to serve on {host}, which is not a loopback address, without a token; set --token or FOCALSEARCH_TOKEN", 2)
+    shown = f"[{host}]" if ":" in host else host
+    if workers > 1:
+        import uvicorn
+
+        from focalsearch.api import FocalSearch
+        from focalsearch.server.app import SERVE_ENV
+        from focalsearch.threads import available_cores
+
+        _run(lambda: FocalSearch(index_dir).conditions())  # a one-line error here, not one per worker
+        os.environ[SERVE_ENV] = json.dumps({
+            "index_dir": str(index_dir), "token": token, "device": device, "precision": precision,
+            "max_upload_bytes": int(max_upload_mb * 1e6), "threads": threads or max(1, available_cores() // workers),
+        })
+        typer.echo(f"serving {index_dir.resolve()} on http://{shown}:{port}/ with {workers} processes (Ctrl-C stops)", err=True)
+        _run(lambda: uvicorn.run("focalsearch.server.app:app_from_environment", factory=True, host=host, port=port,
+                                 workers=workers, log_level="warning"), interrupted="stopped")
+        return
     _set_threads(threads)
     _quiet_libraries()
 
@@ -298,12 +318,9 @@ def serve(
         from focalsearch.server.app import create_app
 
         application = create_app(index_dir, token=token, device=device, precision=precision, max_upload_bytes=int(max_upload_mb * 1e6))
-        config = uvicorn.Config(application, host=host, port=port, log_level="warning")
-        server = uvicorn.Server(config)
-        return server
+        return uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning"))
 
     server = _run(start)
-    shown = f"[{host}]" if ":" in host else host
     typer.echo(f"serving {index_dir.resolve()} on http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)", err=True)
     _run(server.run, interrupted="stopped")
 

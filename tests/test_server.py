@@ -334,3 +334,27 @@ def test_concurrent_queries_share_forward_passes(served):
         thread.join()
     encoded = engine._batcher.encoded - before_encoded
     assert encoded == 8 and engine._batcher.batches - before_batches < 8
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="finds the ephemeral port through /proc")
+def test_several_server_processes_share_the_port(served):
+    process = subprocess.Popen([sys.executable, "-m", "focalsearch.cli", "serve", "--index", str(served["index"]), "--port", "0",
+                                "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline:
+            port = _listening_port(process.pid)
+            try:
+                if port and httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    url = f"http://127.0.0.1:{port}"
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.3)
+        assert url is not None
+        answers = {tuple(r["path"] for r in httpx.post(url + "/api/search", json={"text": "star", "instruction": "shape", "k": 5},
+                                                       timeout=60).json()["results"]) for _ in range(6)}
+        assert len(answers) == 1  # every process answers the same
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import json
 import mimetypes
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -323,3 +324,15 @@ def create_app(
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+SERVE_ENV = "FOCALSEARCH_SERVE"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of several server processes (`serve --workers N`), configured through the environment."""
+    from focalsearch.threads import configure_threads
+
+    config = json.loads(os.environ[SERVE_ENV])
+    configure_threads(config.pop("threads"))
+    return create_app(config.pop("index_dir"), **config)
