@@ -200,7 +200,7 @@ class FocalSearch:
 
         if not paths:
             raise UserError("give at least one image file or folder to index")
-        missing = [str(p) for p in paths if not Path(p).expanduser().exists()]
+        missing = [str(p) for p in paths if not _source_exists(p)]
         if missing:
             raise UserError(f"path not found: {missing[0]}")
         wanted = list(dict.fromkeys(normalize_instruction(i) for i in (instructions or [""])))
@@ -340,7 +340,7 @@ class FocalSearch:
             raise UserError("-k must be at least 1")
         if offset < 0:
             raise UserError("offset must be 0 or more")
-        if isinstance(image, (str, Path)) and not Path(image).expanduser().exists():
+        if isinstance(image, (str, Path)) and not _source_exists(image):
             raise InvalidImageError(f"cannot read query image {image}: file not found")
         store = self._open_store()
         resolved = [(self.condition(i), w) for i, w in wanted]
@@ -510,6 +510,12 @@ def _pick_query_arithmetic(encoder, batch: int) -> None:
     encoder.encode_texts(texts)
     if seconds() >= with_autocast:
         encoder.autocast_dtype = autocast
+
+
+def _source_exists(path) -> bool:
+    from focalsearch import objectstore
+
+    return objectstore.exists(str(path)) if objectstore.is_uri(str(path)) else Path(path).expanduser().exists()
 
 
 def _shell_instruction(instruction: str) -> str:

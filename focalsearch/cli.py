@@ -42,6 +42,10 @@ PrecisionOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+StorageOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--storage-option", help="KEY=VALUE for object storage (endpoint, region, allow_http, ...); repeat for several."),
+]
 ThreadsOpt = Annotated[
     Optional[int],
     typer.Option(
@@ -62,6 +66,12 @@ def _quiet_libraries() -> None:
     from focalsearch.models.loading import quiet_transformers
 
     quiet_transformers()
+
+
+def _configure_storage(pairs: list[str] | None) -> None:
+    from focalsearch import objectstore
+
+    objectstore.configure(_run(lambda: objectstore.parse_options(pairs or [])))
 
 
 def _set_threads(threads: int | None) -> None:
@@ -91,7 +101,7 @@ def _run(action, interrupted: str = _RESUMABLE):
 
 @app.command()
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (scanned recursively).")],
+    paths: Annotated[list[str], typer.Argument(help="Image files or folders (scanned recursively), or s3:// prefixes.")],
     instruction: Annotated[
         Optional[list[str]], typer.Option("--instruction", "-i", help="Instruction to index under; repeat for several. None: unconditional.")
     ] = None,
@@ -111,11 +121,13 @@ def index(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to run on (default: start a local one).")] = None,
     encode_workers: Annotated[int, typer.Option("--encode-workers", min=1, help="Ray: encoder actors, one warm model each.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0, help="Ray: GPUs per encoder actor (0: CPU).")] = 0.0,
+    storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode the images under PATHS for each instruction into the index (incremental)."""
     from focalsearch.api import FocalSearch
 
+    _configure_storage(storage_option)
     _set_threads(threads)
     _quiet_libraries()
     def go():
@@ -158,7 +170,7 @@ def _label(instruction: str) -> str:
 
 @app.command()
 def query(
-    image: Annotated[Optional[Path], typer.Argument(help="Query image (image→image search).")] = None,
+    image: Annotated[Optional[str], typer.Argument(help="Query image (image→image search): a file or an s3:// object.")] = None,
     text: Annotated[Optional[str], typer.Option("--text", "-t", help="Query text (text→image search).")] = None,
     image_id: Annotated[Optional[str], typer.Option("--image-id", help="An indexed image's id (from --json) as the query.")] = None,
     instruction: Annotated[
@@ -176,6 +188,7 @@ def query(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
+    storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
     paths_only: Annotated[bool, typer.Option("--paths-only", help="Print only result paths, one per line.")] = False,
 ) -> None:
@@ -185,6 +198,7 @@ def query(
     """
     from focalsearch.api import FocalSearch
 
+    _configure_storage(storage_option)
     instructions = instruction or [""]
     if weight and len(weight) != len(instructions):
         _fail(f"give one --weight per --instruction ({len(instructions)}), not {len(weight)}", 2)
@@ -283,6 +297,7 @@ def serve(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Server processes, each with its own model and query batching (they share the port).")
     ] = 1,
+    storage_option: StorageOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
@@ -292,10 +307,12 @@ def serve(
 
     if not is_loopback(host) and not token:
         _fail(f"refusing to serve on {host}, which is not a loopback address, without a token; set --token or FOCALSEARCH_TOKEN", 2)
+    _configure_storage(storage_option)
     shown = f"[{host}]" if ":" in host else host
     if workers > 1:
         import uvicorn
 
+        from focalsearch import objectstore
         from focalsearch.api import FocalSearch
         from focalsearch.server.app import SERVE_ENV
         from focalsearch.threads import available_cores
@@ -304,6 +321,7 @@ def serve(
         os.environ[SERVE_ENV] = json.dumps({
             "index_dir": str(index_dir), "token": token, "device": device, "precision": precision,
             "max_upload_bytes": int(max_upload_mb * 1e6), "threads": threads or max(1, available_cores() // workers),
+            "storage_options": dict(objectstore.current_options()),
         })
         typer.echo(f"serving {index_dir.resolve()} on http://{shown}:{port}/ with {workers} processes (Ctrl-C stops)", err=True)
         _run(lambda: uvicorn.run("focalsearch.server.app:app_from_environment", factory=True, host=host, port=port,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from focalsearch import objectstore
 from focalsearch.errors import InvalidImageError, UserError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -40,7 +41,7 @@ _pil_limit_lock = threading.Lock()
 class FileStat:
     """Cheap identity of a file on disk."""
 
-    path: Path  # absolute, resolved
+    path: Path | str  # absolute and resolved; an object store URI (str) for objects
     size: int
     mtime_ns: int
 
@@ -131,9 +132,17 @@ def scan_images(paths: Iterable[str | Path], skipped: list[SkippedImage] | None 
     Raises UserError if a given path does not exist.
     """
     skipped = skipped if skipped is not None else []
-    found: dict[Path, FileStat] = {}
+    found: dict[Path | str, FileStat] = {}
     visited: set[tuple[int, int]] = set()
     for raw in paths:
+        if objectstore.is_uri(str(raw)):
+            for uri, size, mtime_ns in objectstore.list_objects(str(raw)):
+                name = uri.rsplit("/", 1)[-1]
+                explicit = uri.rstrip("/") == str(raw).rstrip("/")
+                hidden = any(part.startswith(".") for part in uri[len(str(raw)):].split("/"))
+                if explicit or (not hidden and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS):
+                    found.setdefault(uri, FileStat(uri, size, mtime_ns))
+            continue
         root = Path(os.path.expanduser(raw))
         if not root.exists():
             raise UserError(f"path not found: {raw}")
@@ -146,7 +155,7 @@ def scan_images(paths: Iterable[str | Path], skipped: list[SkippedImage] | None 
                 skipped.append(SkippedImage(candidate, f"unreadable: {_os_reason(exc)}"))
                 continue
             found.setdefault(st.path, st)
-    return sorted(found.values(), key=lambda s: s.path)
+    return sorted(found.values(), key=lambda s: (0, s.path.parts, "") if isinstance(s.path, Path) else (1, (), s.path))
 
 
 @functools.cache
@@ -227,7 +236,10 @@ def load_image(
     photo that is only going to be shrunk to the model's input. ``width`` and ``height`` are
     always the image's full size.
     """
-    path = stat_or_path.path if isinstance(stat_or_path, FileStat) else _resolve(stat_or_path)
+    path = stat_or_path.path if isinstance(stat_or_path, FileStat) else stat_or_path
+    if objectstore.is_uri(str(path)):
+        return _load_object(str(path), stat_or_path, max_pixels, min_side)
+    path = path if isinstance(stat_or_path, FileStat) else _resolve(path)
     read = _read(path)
     if isinstance(read, str):
         return SkippedImage(path, read)
@@ -235,8 +247,23 @@ def load_image(
     return decode_image_bytes(data, path, mtime_ns=st.st_mtime_ns, max_pixels=max_pixels, min_side=min_side)
 
 
+def _load_object(uri: str, stat_or_path, max_pixels: int, min_side: int | None) -> LoadedImage | SkippedImage:
+    """An image in object storage: its identity is the (size, LastModified) the listing saw."""
+    if isinstance(stat_or_path, FileStat):
+        mtime_ns = stat_or_path.mtime_ns
+    else:
+        found = objectstore.stat(uri)
+        if found is None:
+            return SkippedImage(uri, "file not found")
+        mtime_ns = found[1]
+    data = objectstore.read(uri)
+    if isinstance(data, str):
+        return SkippedImage(uri, data)
+    return decode_image_bytes(data, uri, mtime_ns=mtime_ns, max_pixels=max_pixels, min_side=min_side)
+
+
 def decode_image_bytes(
-    data: bytes, path: Path, *, mtime_ns: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+    data: bytes, path: Path | str, *, mtime_ns: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
 ) -> LoadedImage | SkippedImage:
     """Decode an image held in memory (a file's bytes, or an upload named ``path``) with every
     check load_image makes: decompression-bomb limit, truncation, EXIF orientation, modes."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from focalsearch import objectstore
 from focalsearch.errors import StorageError
 from focalsearch.images import DEFAULT_MAX_PIXELS, FileStat, LoadedImage, SkippedImage, load_image, scan_images
 from focalsearch.store import VERSION_GRACE_SECONDS, Condition, FileRecord, Store, row_id
@@ -76,8 +77,12 @@ class _Decoded:
     seconds: float
 
 
-def _under(path: str, roots: Sequence[Path]) -> bool:
-    return any(path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
+def _under(path: str, roots: Sequence[Path | str]) -> bool:
+    def inside(root) -> bool:
+        separator = "/" if isinstance(root, str) else os.sep
+        return path == str(root) or path.startswith(str(root).rstrip(separator) + separator)
+
+    return any(inside(root) for root in roots)
 
 
 class _Batch:
@@ -159,7 +164,7 @@ class Indexer:
         report = IndexReport(model=conditions[0].model, encoder=conditions[0].encoder)
         started = time.perf_counter()
         files = scan_images(paths, report.skipped)
-        roots = [Path(p).expanduser().resolve() for p in paths]
+        roots = [str(p).rstrip("/") if objectstore.is_uri(str(p)) else Path(p).expanduser().resolve() for p in paths]
         records = {c.table: self.store.file_records(c) for c in conditions}
         versions = {c.table: self.store.version(c) for c in conditions}
         report.timings["scan"] = time.perf_counter() - started

@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from swagger_ui_bundle import swagger_ui_path
 
-from focalsearch import errors
+from focalsearch import errors, objectstore
 from focalsearch.api import FocalSearch, SearchResult
 from focalsearch.images import LoadedImage, decode_image_bytes
 from focalsearch.server.thumbnails import ThumbnailCache
@@ -281,10 +281,14 @@ def create_app(
         summaries = await run_in_threadpool(engine.conditions)
         return {"index": str(engine.index_dir.resolve()), "conditions": [asdict(s) for s in summaries]}
 
-    def indexed_path(image_id: str) -> Path:
+    def indexed_path(image_id: str) -> Path | str:
         path = engine.image_path(image_id)
         if path is None:
             raise errors.UnknownImageError(f"unknown image_id {image_id[:64]!r}")
+        if objectstore.is_uri(path):
+            if objectstore.stat(path) is None:
+                raise errors.UnknownImageError(f"the object of image {image_id} is gone; reindex the prefix")
+            return path
         if not Path(path).is_file():
             raise errors.UnknownImageError(f"the file of image {image_id} is gone; reindex the folder")
         return Path(path)
@@ -293,8 +297,14 @@ def create_app(
     async def image(image_id: str):
         """The indexed image file itself, by row id."""
         path = await run_in_threadpool(indexed_path, image_id)
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=300"})
+        media = mimetypes.guess_type(str(path).rsplit("/", 1)[-1])[0] or "application/octet-stream"
+        headers = {"Cache-Control": "private, max-age=300"}
+        if isinstance(path, str):  # an object: read through the object store
+            data = await run_in_threadpool(objectstore.read, path)
+            if isinstance(data, str):
+                raise errors.UnknownImageError(f"the object of image {image_id} cannot be read: {data}")
+            return Response(data, media_type=media, headers=headers)
+        return FileResponse(path, media_type=media, headers=headers)
 
     @app.get("/api/thumbnails/{image_id}")
     async def thumbnail(image_id: str, size: int = Query(256, ge=16, le=1024)):
@@ -333,6 +343,9 @@ def app_from_environment() -> FastAPI:
     """The app of one of several server processes (`serve --workers N`), configured through the environment."""
     from focalsearch.threads import configure_threads
 
+    from focalsearch import objectstore
+
     config = json.loads(os.environ[SERVE_ENV])
     configure_threads(config.pop("threads"))
+    objectstore.configure(config.pop("storage_options", {}))
     return create_app(config.pop("index_dir"), **config)

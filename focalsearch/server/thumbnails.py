@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from focalsearch import objectstore
 from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 
 
@@ -26,12 +27,17 @@ class ThumbnailCache:
         except OSError:
             self.folder = Path(tempfile.mkdtemp(prefix="focalsearch-thumbnails-"))
 
-    def get(self, image_id: str, source: Path, size: int) -> bytes | None:
+    def get(self, image_id: str, source: Path | str, size: int) -> bytes | None:
         """The thumbnail as JPEG bytes, made now when missing or older than its source; None if
         the source cannot be read. A cache that cannot be written (a full disk) only costs remaking."""
         target = self.folder / str(size) / f"{image_id}.jpg"
         try:
-            if target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+            if objectstore.is_uri(str(source)):
+                found = objectstore.stat(str(source))
+                source_mtime = found[1] if found else None
+            else:
+                source_mtime = Path(source).stat().st_mtime_ns
+            if source_mtime is not None and target.stat().st_mtime_ns >= source_mtime:
                 return target.read_bytes()
         except OSError:
             pass

@@ -1,0 +1,95 @@
+"""Images in object storage: an S3-compatible server (moto) on loopback, no AWS account involved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from conftest import make_image_folder
+from focalsearch import objectstore
+from focalsearch.cli import app
+from focalsearch.store import row_id
+
+runner = CliRunner()
+BUCKET = "photos-bucket"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint": f"http://{host}:{port}", "allow_http": "true", "access_key_id": "test", "secret_access_key": "test",
+               "region": "us-east-1"}
+    filesystem = fs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test", secret_key="test",
+                                 region="us-east-1", allow_bucket_creation=True)
+    filesystem.create_dir(BUCKET)
+    yield {"fs": filesystem, "options": options, "flags": [arg for k, v in options.items() for arg in ("--storage-option", f"{k}={v}")]}
+    objectstore.configure({})
+    server.stop()
+
+
+def upload(s3, local: list[Path], root: Path, prefix: str) -> list[str]:
+    uris = []
+    for path in local:
+        key = f"{BUCKET}/{prefix}/{path.relative_to(root).as_posix()}"
+        with s3["fs"].open_output_stream(key) as out:
+            out.write(path.read_bytes())
+        uris.append(f"s3://{key}")
+    return uris
+
+
+def cli_json(*args: object) -> dict:
+    result = runner.invoke(app, [str(a) for a in args] + ["--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_index_query_and_update_images_in_a_bucket(s3, tmp_path, tiny_focal):
+    local = tmp_path / "local"
+    uris = upload(s3, make_image_folder(local, 30), local, "photos")
+    with s3["fs"].open_output_stream(f"{BUCKET}/photos/.hidden/x.png") as out:
+        out.write(b"not scanned")
+    index = tmp_path / "index"
+    first = cli_json("index", f"s3://{BUCKET}/photos", "-i", "color", "--model", tiny_focal, "--index", index, *s3["flags"])
+    assert (first["encoded"], first["conditions"], first["skipped"]) == (30, {"color": 30}, [])
+
+    hits = cli_json("query", "--text", "red", "-i", "color", "-k", "5", "--index", index)["results"]
+    assert all(h["path"].startswith(f"s3://{BUCKET}/photos/") and h["image_id"] == row_id(h["path"]) for h in hits)
+    by_image = cli_json("query", uris[0], "-i", "color", "-k", "5", "--index", index, *s3["flags"])["results"]
+    assert len(by_image) == 5 and uris[0] not in {h["path"] for h in by_image}  # the query object itself is left out
+
+    added = upload(s3, make_image_folder(local, 20, start=30), local, "photos")
+    for uri in uris[:10]:
+        s3["fs"].delete_file(uri[len("s3://"):])
+    second = cli_json("index", f"s3://{BUCKET}/photos", "-i", "color", "--index", index, *s3["flags"])
+    assert (second["encoded"], second["removed"], second["unchanged"], second["conditions"]) == (20, 10, 20, {"color": 40})
+    again = cli_json("index", f"s3://{BUCKET}/photos", "-i", "color", "--index", index, *s3["flags"])
+    assert (again["encoded"], again["unchanged"]) == (0, 40)
+
+    # The server reads indexed objects through the object store, by row id only.
+    from focalsearch.server.app import create_app
+
+    application = create_app(index)
+    with TestClient(application) as client:
+        assert client.get(f"/api/images/{row_id(added[0])}").content == (local / Path(added[0]).relative_to(f"s3:/{BUCKET}/photos")).read_bytes()
+        assert client.get(f"/api/thumbnails/{row_id(added[0])}?size=32").headers["content-type"] == "image/jpeg"
+        assert client.get(f"/api/images/{row_id(uris[0])}").status_code == 404  # deleted, and no longer indexed
+    application.state.engine.close()
+
+
+def test_bad_storage_options_and_missing_prefixes_are_one_line(s3, tmp_path, tiny_focal):
+    bad = runner.invoke(app, ["index", f"s3://{BUCKET}/photos", "--model", str(tiny_focal), "--index", str(tmp_path / "i"),
+                              "--storage-option", "endpoint"])
+    assert bad.exit_code == 2 and bad.stderr.strip() == "error: --storage-option takes KEY=VALUE, not 'endpoint'"
+    missing = runner.invoke(app, ["index", f"s3://{BUCKET}/nothing-here", "--model", str(tiny_focal), "--index", str(tmp_path / "i"),
+                                  *s3["flags"]])
+    assert missing.exit_code == 2 and "path not found: s3://photos-bucket/nothing-here" in missing.stderr
+    assert not (tmp_path / "i").exists()
