@@ -105,7 +105,9 @@ class FocalSearch:
             raise UserError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
         if commit_seconds < 0:
             raise UserError("--commit-every must be 0 or more seconds")
-        self.index_dir = Path(index_dir).expanduser()
+        from focalsearch import objectstore
+
+        self.index_dir = str(index_dir).rstrip("/") if objectstore.is_uri(str(index_dir)) else Path(index_dir).expanduser()
         self.model = model
         self.encoder_name = encoder
         self.device = device
@@ -122,6 +124,11 @@ class FocalSearch:
         self._store: Store | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def location(self) -> str:
+        """The index's folder (absolute) or object-store URI."""
+        return self.index_dir if isinstance(self.index_dir, str) else str(self.index_dir.resolve())
+
     def _open_store(self, create: bool = False) -> Store:
         if self._store is None or (create and not self._store.root.exists()):
             self._store = Store(self.index_dir, create=create)
@@ -204,7 +211,7 @@ class FocalSearch:
         if missing:
             raise UserError(f"path not found: {missing[0]}")
         wanted = list(dict.fromkeys(normalize_instruction(i) for i in (instructions or [""])))
-        existed = is_index(self.index_dir.expanduser().resolve())
+        existed = is_index(self.index_dir if isinstance(self.index_dir, str) else self.index_dir.expanduser().resolve())
         if not existed:  # load the model before creating anything, so a bad model leaves no folder behind
             self._check_recorded(None)
             self._load_encoder(None)

@@ -13,7 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from focalsearch.defaults import DEFAULT_INDEX_DIR as DEFAULT_INDEX
+from focalsearch.defaults import DEFAULT_INDEX_DIR
+
+DEFAULT_INDEX = str(DEFAULT_INDEX_DIR)
 from focalsearch.errors import FocalSearchError
 
 app = typer.Typer(
@@ -28,7 +30,7 @@ app.add_typer(model_app, name="model")
 synth_app = typer.Typer(help="Generate procedural image worlds.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(synth_app, name="synth")
 
-IndexDir = Annotated[Path, typer.Option("--index", help="Index folder.")]
+IndexDir = Annotated[str, typer.Option("--index", help="Index folder, or an s3:// URI.")]
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", help="Hub id or local checkpoint folder (default: the index's model, else $FOCALSEARCH_MODEL or the built-in default)."),
@@ -224,15 +226,16 @@ def query(
 
 
 @app.command()
-def conditions(index_dir: IndexDir = DEFAULT_INDEX, as_json: JsonOpt = False) -> None:
+def conditions(index_dir: IndexDir = DEFAULT_INDEX, storage_option: StorageOpt = None, as_json: JsonOpt = False) -> None:
     """List the index's conditions: instruction, model, encoder, rows and update time."""
+    _configure_storage(storage_option)
     from dataclasses import asdict
 
     from focalsearch.api import FocalSearch
 
     summaries = _run(lambda: FocalSearch(index_dir).conditions())
     if as_json:
-        typer.echo(json.dumps({"index": str(index_dir.resolve()), "conditions": [asdict(s) for s in summaries]}))
+        typer.echo(json.dumps({"index": _location(index_dir), "conditions": [asdict(s) for s in summaries]}))
         return
     if not summaries:
         typer.echo(f"no conditions in {index_dir}")
@@ -243,6 +246,12 @@ def conditions(index_dir: IndexDir = DEFAULT_INDEX, as_json: JsonOpt = False) ->
     damaged = [s for s in summaries if s.damaged]
     if damaged:
         typer.echo(f"{len(damaged)} damaged condition(s); run: focalsearch check --repair --index {shlex.quote(str(index_dir))}", err=True)
+
+
+def _location(index_dir: str) -> str:
+    from focalsearch import objectstore
+
+    return index_dir if objectstore.is_uri(index_dir) else str(Path(index_dir).expanduser().resolve())
 
 
 def _on_disk(n: int) -> str:
@@ -259,9 +268,11 @@ def check(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
+    storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Read every table of the index and compare it with the catalog and FAISS files (like git fsck)."""
+    _configure_storage(storage_option)
     from focalsearch.api import FocalSearch
 
     _set_threads(threads)
@@ -323,7 +334,7 @@ def serve(
             "max_upload_bytes": int(max_upload_mb * 1e6), "threads": threads or max(1, available_cores() // workers),
             "storage_options": dict(objectstore.current_options()),
         })
-        typer.echo(f"serving {index_dir.resolve()} on http://{shown}:{port}/ with {workers} processes (Ctrl-C stops)", err=True)
+        typer.echo(f"serving {_location(index_dir)} on http://{shown}:{port}/ with {workers} processes (Ctrl-C stops)", err=True)
         _run(lambda: uvicorn.run("focalsearch.server.app:app_from_environment", factory=True, host=host, port=port,
                                  workers=workers, log_level="warning"), interrupted="stopped")
         return
@@ -339,7 +350,7 @@ def serve(
         return uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning"))
 
     server = _run(start)
-    typer.echo(f"serving {index_dir.resolve()} on http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)", err=True)
+    typer.echo(f"serving {_location(index_dir)} on http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)", err=True)
     _run(server.run, interrupted="stopped")
 
 

@@ -140,3 +140,34 @@ def read(uri: str) -> bytes | str:
         return "file not found"
     except OSError as exc:
         return f"unreadable: {' '.join(str(exc).split())[:200]}"
+
+
+_LANCE_KEYS = {
+    "endpoint": "aws_endpoint", "aws_endpoint": "aws_endpoint", "endpoint_url": "aws_endpoint",
+    "allow_http": "allow_http", "aws_allow_http": "allow_http",
+    "access_key_id": "aws_access_key_id", "aws_access_key_id": "aws_access_key_id",
+    "secret_access_key": "aws_secret_access_key", "aws_secret_access_key": "aws_secret_access_key",
+    "session_token": "aws_session_token", "aws_session_token": "aws_session_token",
+    "region": "aws_region", "aws_region": "aws_region",
+}
+
+
+def lance_options() -> dict[str, str]:
+    """The storage options in LanceDB's names (other keys pass through as given)."""
+    return {_LANCE_KEYS.get(key, key): value for key, value in _options.items()}
+
+
+def cache_dir(uri: str) -> "Path":
+    """A local folder for what is derived from an index in object storage (FAISS files, thumbnails)."""
+    import hashlib
+    from pathlib import Path
+
+    base = Path(os.environ.get("FOCALSEARCH_CACHE") or Path.home() / ".cache" / "focalsearch")
+    return base / "indexes" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+
+def write(uri: str, data: bytes) -> None:
+    """Put ``data`` at ``uri``; raises OSError when it cannot."""
+    filesystem, path = _split(uri)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)

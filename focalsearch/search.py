@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
-from focalsearch import ann
+from focalsearch import ann, objectstore
 from focalsearch.store import Condition, Store, row_id
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,28 @@ def build_condition_index(store: Store, condition: Condition, *, exact_max_rows:
         index_file.parent.mkdir(parents=True, exist_ok=True)
         _write_paths(paths_file, paths)
         ann.save_index(index, index_file, meta)
+        if store.uri is not None:  # beside the tables in the bucket, for other machines' query processes
+            for local in (index_file, ann.sidecar_path(index_file), paths_file):
+                objectstore.write(f"{store.uri}/faiss/{local.name}", local.read_bytes())
     except Exception as exc:  # FAISS raises RuntimeError for a full disk
         # Derived data: a read-only or full index folder costs a rebuild next time, nothing more.
         log.info("not saving the FAISS index of %s: %s", condition.table, exc)
     return ConditionIndex(ann.to_gpu_if_available(index), paths, version, files)
+
+
+def _fetch(store: Store, files: list[Path]) -> None:
+    """Copy a condition's FAISS files from the bucket into the local cache, where the bucket has them."""
+    for local in files:
+        data = objectstore.read(f"{store.uri}/faiss/{local.name}")
+        if isinstance(data, str):
+            return
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(local.name + ".download")
+            tmp.write_bytes(data)
+            tmp.replace(local)
+        except OSError:
+            return
 
 
 def data_unchanged(recorded: dict | None, current: dict) -> bool:
@@ -118,10 +136,17 @@ def data_unchanged(recorded: dict | None, current: dict) -> bool:
 
 
 def load_condition_index(store: Store, condition: Condition, **build_options) -> ConditionIndex:
-    """The condition's FAISS index, rebuilt from the table when missing, broken or stale."""
+    """The condition's FAISS index, rebuilt from the table when missing, broken or stale.
+
+    For an index in object storage the local files are a cache: when they are not fresh, the copy
+    in the bucket is fetched, and used if it was built from the table's current version.
+    """
     index_file, paths_file = faiss_files(store, condition)
-    loaded = ann.load_index(index_file)
     version = store.version(condition)
+    meta = ann.read_meta(index_file)
+    if store.uri is not None and (meta is None or meta.get("table_version") != version):
+        _fetch(store, [index_file, ann.sidecar_path(index_file), paths_file])
+    loaded = ann.load_index(index_file)
     if loaded is not None:
         index, meta = loaded
         paths = _read_paths(paths_file)

@@ -23,6 +23,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from focalsearch import objectstore
 from focalsearch.defaults import DEFAULT_INDEX_DIR  # noqa: F401  (re-exported)
 from focalsearch.errors import (
     DamagedIndexError,
@@ -228,21 +229,38 @@ class Store:
     """
 
     def __init__(self, root: str | Path, *, create: bool = False):
-        self.root = Path(root).expanduser().resolve()
+        self.uri = str(root).rstrip("/") if objectstore.is_uri(str(root)) else None
         self.created = False
+        session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
+        # Every read sees the latest committed version (another process may be indexing), which lets
+        # open table handles be kept and reused: checking a handle's version costs well under a ms.
+        consistency = dt.timedelta(0)
+        if self.uri is not None:
+            # In object storage the tables live in the bucket; derived files (FAISS, thumbnails) and
+            # the write lock live in a local cache folder of this index.
+            self.location = self.uri
+            self.root = objectstore.cache_dir(self.uri)
+            self.db = lancedb.connect(f"{self.uri}/lancedb", storage_options=objectstore.lance_options(),
+                                      session=session, read_consistency_interval=consistency)
+            self._handles: dict[str, object] = {}
+            self._catalog_cache: tuple[int, list[Condition]] | None = None
+            if not create and not self._table_names():
+                raise IndexNotFoundError(f"no index at {self.uri}; build one with: focalsearch index PATH --index {_q(self.uri)}")
+            with _storage_errors(self.location):
+                self.root.mkdir(parents=True, exist_ok=True)
+            return
+        self.root = Path(root).expanduser().resolve()
+        self.location = str(self.root)
         if not is_index(self.root):
             if not create:
                 raise IndexNotFoundError(f"no index at {self.root}; build one with: focalsearch index PATH --index {_q(self.root)}")
             if not self.root.exists():
-                with _storage_errors(self.root):
+                with _storage_errors(self.location):
                     self.root.mkdir(parents=True)
                 self.created = True
-        session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
-        # Every read sees the latest committed version (another process may be indexing), which lets
-        # open table handles be kept and reused: checking a handle's version costs well under a ms.
-        self.db = lancedb.connect(str(self.root / "lancedb"), session=session, read_consistency_interval=dt.timedelta(0))
-        self._handles: dict[str, object] = {}
-        self._catalog_cache: tuple[int, list[Condition]] | None = None
+        self.db = lancedb.connect(str(self.root / "lancedb"), session=session, read_consistency_interval=consistency)
+        self._handles = {}
+        self._catalog_cache = None
 
     @property
     def tables_dir(self) -> Path:
@@ -250,9 +268,9 @@ class Store:
 
     # -- catalog --------------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
-        if not self.tables_dir.is_dir():
+        if self.uri is None and not self.tables_dir.is_dir():
             return set()
-        with _read_errors(self.root, "the index's table list"):
+        with _read_errors(self.location, "the index's table list"):
             return set(self.db.list_tables().tables)
 
     def _open(self, name: str, what: str):
@@ -261,7 +279,7 @@ class Store:
         if handle is None:
             if name not in self._table_names():
                 return None
-            with _read_errors(self.root, what):
+            with _read_errors(self.location, what):
                 handle = self._handles[name] = self.db.open_table(name)
         return handle
 
@@ -275,20 +293,20 @@ class Store:
         if catalog is None:
             if not create:
                 return None
-            with _storage_errors(self.root):
+            with _storage_errors(self.location):
                 catalog = self._handles[CATALOG_TABLE] = self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA, exist_ok=True)
             return catalog
         if create and catalog.schema != _CATALOG_SCHEMA:  # an older catalog: rewrite it with the new columns
             rows = [Condition.from_catalog_row(r).catalog_row() for r in self._catalog_rows(catalog)]
             self._forget(CATALOG_TABLE)
-            with _storage_errors(self.root):
+            with _storage_errors(self.location):
                 catalog = self._handles[CATALOG_TABLE] = self.db.create_table(
                     CATALOG_TABLE, pa.Table.from_pylist(rows, schema=_CATALOG_SCHEMA), schema=_CATALOG_SCHEMA, mode="overwrite"
                 )
         return catalog
 
     def _catalog_rows(self, catalog) -> list[dict]:
-        with _read_errors(self.root, "the catalog of the index"):
+        with _read_errors(self.location, "the catalog of the index"):
             return catalog.to_arrow().to_pylist()
 
     def conditions(self) -> list[Condition]:
@@ -296,9 +314,9 @@ class Store:
         catalog = self._catalog()
         if catalog is None:
             if self._table_names():
-                raise DamagedIndexError(f"the catalog of index {self.root} is missing; {repair_hint(self.root)}")
+                raise DamagedIndexError(f"the catalog of index {self.location} is missing; {repair_hint(self.location)}")
             return []
-        with _read_errors(self.root, "the catalog of the index"):
+        with _read_errors(self.location, "the catalog of the index"):
             version = catalog.version
         cached = self._catalog_cache
         if cached is not None and cached[0] == version:
@@ -329,7 +347,7 @@ class Store:
         described["created_at"] = condition.created_at.isoformat()
         schema = row_schema(condition.dim, {CONDITION_METADATA_KEY: json.dumps(described).encode()})
         self._forget(condition.table)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             self.db.create_table(condition.table, schema=schema, exist_ok=True)
 
     def mark_updated(self, condition: Condition, roots: Sequence[str] = ()) -> Condition:
@@ -350,14 +368,14 @@ class Store:
     def _write_catalog(self, condition: Condition) -> None:
         data = pa.Table.from_pylist([condition.catalog_row()], schema=_CATALOG_SCHEMA)
         catalog = self._catalog(create=True)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             catalog.merge_insert("table").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def tidy_catalog(self) -> None:
         """Merge the catalog's small fragments and delete its versions older than the grace period."""
         catalog = self._catalog()
         if catalog is not None:
-            with _storage_errors(self.root):
+            with _storage_errors(self.location):
                 _optimize(catalog, VERSION_GRACE_SECONDS)
 
     def orphan_tables(self) -> list[str]:
@@ -396,12 +414,13 @@ class Store:
         """
         found, lost = self.read_table_conditions()
         self._forget(CATALOG_TABLE)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             try:
                 self.db.drop_table(CATALOG_TABLE, ignore_missing=True)
             except (RuntimeError, ValueError):
                 pass  # too damaged for LanceDB to drop: remove its folder below
-            shutil.rmtree(self.tables_dir / f"{CATALOG_TABLE}.lance", ignore_errors=True)
+            if self.uri is None:
+                shutil.rmtree(self.tables_dir / f"{CATALOG_TABLE}.lance", ignore_errors=True)
             self._handles[CATALOG_TABLE] = self.db.create_table(CATALOG_TABLE, schema=_CATALOG_SCHEMA)
         return [self.mark_updated(c) for c in found], lost
 
@@ -410,12 +429,12 @@ class Store:
         table = self._open(condition.table, f"condition {quote_instruction(condition.instruction)}")
         if table is None:
             raise DamagedIndexError(
-                f"condition {quote_instruction(condition.instruction)} is damaged (its table is missing); {repair_hint(self.root)}"
+                f"condition {quote_instruction(condition.instruction)} is damaged (its table is missing); {repair_hint(self.location)}"
             )
         return table
 
     def _reading(self, condition: Condition):
-        return _read_errors(self.root, f"condition {quote_instruction(condition.instruction)}")
+        return _read_errors(self.location, f"condition {quote_instruction(condition.instruction)}")
 
     def _count(self, table, condition: Condition) -> int:
         with self._reading(condition):
@@ -436,6 +455,8 @@ class Store:
 
     def data_files(self, condition: Condition) -> dict[str, list[int]]:
         """[size, mtime_ns] of each data file of the table (every retained version's), by name."""
+        if self.uri is not None:
+            return {}  # in object storage a table is trusted by its version alone
         folder = self.table_dir(condition) / "data"
         try:
             return {e.name: [(st := e.stat()).st_size, st.st_mtime_ns] for e in os.scandir(folder) if e.is_file()}
@@ -443,7 +464,12 @@ class Store:
             return {}
 
     def bytes_on_disk(self, condition: Condition) -> int:
-        """Bytes under the table's folder: live data plus the versions not yet cleaned up."""
+        """Bytes under the table's folder: live data plus the versions not yet cleaned up (live data only in object storage)."""
+        if self.uri is not None:
+            try:
+                return int(self._table(condition).stats()["total_bytes"])
+            except Exception:
+                return 0
         total = 0
         for folder, _, names in os.walk(self.table_dir(condition)):
             for name in names:
@@ -467,7 +493,7 @@ class Store:
                 version, rows = table.version, table.count_rows()
                 live_bytes = int(table.stats()["total_bytes"])
             on_disk = sum(size for size, _ in self.data_files(condition).values())
-            if on_disk < live_bytes:
+            if self.uri is None and on_disk < live_bytes:
                 return TableHealth(rows, version, size, f"data files hold {on_disk} bytes of the {live_bytes} its manifest lists")
             if deep:
                 seen: set[str] = set()
@@ -493,12 +519,13 @@ class Store:
     def drop_table(self, condition: Condition) -> None:
         """Remove a condition's table (its catalog entry stays); used to rebuild a damaged one."""
         self._forget(condition.table)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             try:
                 self.db.drop_table(condition.table, ignore_missing=True)
             except (RuntimeError, ValueError):
                 pass  # too damaged for LanceDB to drop: remove its folder below
-            shutil.rmtree(self.table_dir(condition), ignore_errors=True)
+            if self.uri is None:
+                shutil.rmtree(self.table_dir(condition), ignore_errors=True)
 
     def _scan(self, condition: Condition, columns: list[str], table=None) -> pa.Table:
         table = table if table is not None else self._table(condition)
@@ -524,7 +551,7 @@ class Store:
         if not records:
             return
         table = self._table(condition)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             table.add(self._rows(condition, records, vectors))
 
     def upsert(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
@@ -533,7 +560,7 @@ class Store:
             return
         data = self._rows(condition, records, vectors)
         table = self._table(condition)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def refresh_records(self, condition: Condition, records: Sequence[FileRecord]) -> None:
@@ -555,7 +582,7 @@ class Store:
         if not ids:
             return 0
         table = self._table(condition)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             for start in range(0, len(ids), 1000):
                 table.delete(f"id IN ({_sql_list(ids[start:start + 1000])})")
         return len(ids)
@@ -563,13 +590,13 @@ class Store:
     def compact(self, condition: Condition) -> None:
         """Merge the small fragments left by batched commits into few files."""
         table = self._table(condition)
-        with _storage_errors(self.root):
+        with _storage_errors(self.location):
             _optimize(table, VERSION_GRACE_SECONDS)
 
     def cleanup_versions(self, condition: Condition, older_than: float = VERSION_GRACE_SECONDS) -> None:
         """Delete table versions (and the files only they use) older than ``older_than`` seconds."""
         table = self._table(condition)
-        with _storage_errors(self.root):  # optimize also compacts (nothing left to, here) and needs no pylance
+        with _storage_errors(self.location):  # optimize also compacts (nothing left to, here) and needs no pylance
             _optimize(table, older_than)
 
     def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:
@@ -630,8 +657,14 @@ class Store:
         return [(p, 1.0 - d) for p, d in zip(hits["path"].to_pylist(), hits["_distance"].to_pylist())]
 
 
-def is_index(root: Path) -> bool:
+def is_index(root: Path | str) -> bool:
     """Whether ``root`` holds a FocalSearch index (a LanceDB folder with at least one table)."""
+    if objectstore.is_uri(str(root)):
+        try:
+            Store(root)
+            return True
+        except Exception:
+            return False
     folder = Path(root) / "lancedb"
     try:
         return folder.is_dir() and any(e.name.endswith(".lance") and e.is_dir() for e in os.scandir(folder))

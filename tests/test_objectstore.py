@@ -93,3 +93,32 @@ def test_bad_storage_options_and_missing_prefixes_are_one_line(s3, tmp_path, tin
                                   *s3["flags"]])
     assert missing.exit_code == 2 and "path not found: s3://photos-bucket/nothing-here" in missing.stderr
     assert not (tmp_path / "i").exists()
+
+
+def test_an_index_in_the_bucket_with_faiss_files_beside_its_tables(s3, tmp_path, tiny_focal, monkeypatch):
+    monkeypatch.setenv("FOCALSEARCH_CACHE", str(tmp_path / "cache-a"))
+    local = tmp_path / "local"
+    uris = upload(s3, make_image_folder(local, 30), local, "shots")
+    index = f"s3://{BUCKET}/index"
+    first = cli_json("index", f"s3://{BUCKET}/shots", "-i", "color", "--model", tiny_focal, "--index", index, *s3["flags"])
+    assert first["conditions"] == {"color": 30}
+    faiss_objects = [uri for uri, _, _ in objectstore.list_objects(f"{index}/faiss")]
+    assert any(u.endswith(".faiss") for u in faiss_objects) and any(u.endswith(".paths.arrow") for u in faiss_objects)
+
+    # Another machine (another cache) queries the bucket's index: it fetches the FAISS files of this table version.
+    monkeypatch.setenv("FOCALSEARCH_CACHE", str(tmp_path / "cache-b"))
+    hits = cli_json("query", "--text", "red", "-i", "color", "-k", "5", "--index", index, *s3["flags"])["results"]
+    assert len(hits) == 5 and all(h["path"].startswith(f"s3://{BUCKET}/shots/") for h in hits)
+    assert list((tmp_path / "cache-b").rglob("*.faiss"))
+    listed = cli_json("conditions", "--index", index, *s3["flags"])
+    assert listed["index"] == index and listed["conditions"][0]["rows"] == 30
+
+    upload(s3, make_image_folder(local, 20, start=30), local, "shots")
+    for uri in uris[:10]:
+        s3["fs"].delete_file(uri[len("s3://"):])
+    second = cli_json("index", f"s3://{BUCKET}/shots", "-i", "color", "--index", index, *s3["flags"])
+    assert (second["encoded"], second["removed"], second["unchanged"], second["conditions"]) == (20, 10, 20, {"color": 40})
+    report = cli_json("check", "--index", index, *s3["flags"])
+    assert report["ok"] and report["conditions"][0]["rows"] == 40
+    missing = runner.invoke(app, ["conditions", "--index", f"s3://{BUCKET}/no-index", *s3["flags"]])
+    assert missing.exit_code == 2 and "no index at s3://photos-bucket/no-index" in missing.stderr

@@ -157,7 +157,7 @@ def create_app(
     engine = engine or FocalSearch(index_dir, device=device, precision=precision, threads=threads)
     engine.conditions()  # fails now, with its one-line error, on a folder that is not an index
     engine.enable_batching()
-    thumbnails = ThumbnailCache(Path(index_dir).expanduser().resolve() / "thumbnails", engine.max_pixels)
+    thumbnails = ThumbnailCache(engine._open_store().root / "thumbnails", engine.max_pixels)
 
     # Swagger UI from a package rather than FastAPI's default CDN, so /docs works offline too.
     app = FastAPI(title="FocalSearch", description="Instruction-conditioned image search.", version="0.1.0",
@@ -279,7 +279,7 @@ def create_app(
     async def conditions():
         """Every indexed condition with its rows, size on disk, and whether it is damaged."""
         summaries = await run_in_threadpool(engine.conditions)
-        return {"index": str(engine.index_dir.resolve()), "conditions": [asdict(s) for s in summaries]}
+        return {"index": engine.location, "conditions": [asdict(s) for s in summaries]}
 
     def indexed_path(image_id: str) -> Path | str:
         path = engine.image_path(image_id)
@@ -318,7 +318,7 @@ def create_app(
     @app.get("/healthz")
     async def healthz():
         batcher = engine._batcher
-        return {"status": "ok", "index": str(engine.index_dir.resolve()),
+        return {"status": "ok", "index": engine.location,
                 "queries_encoded": batcher.encoded, "forward_passes": batcher.batches}
 
     @app.get("/", include_in_schema=False)
