@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from focalsearch import objectstore
 from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 from focalsearch.indexer import Indexer, IndexReport
 from focalsearch.store import FileRecord, row_id
@@ -42,8 +43,12 @@ def _processor(model: str):
     return load_image_processor(model)
 
 
-def _decode_batch(batch: dict, *, model: str, max_pixels: int, min_side: int | None) -> dict:
-    """Ray task body: read, hash, decode and preprocess a batch of files."""
+def _decode_batch(batch: dict, *, model: str, max_pixels: int, min_side: int | None, storage: dict[str, str]) -> dict:
+    """Ray task body: read, hash, decode and preprocess a batch of files (or objects)."""
+    from focalsearch import objectstore
+
+    if objectstore.current_options() != storage:  # this worker process reads objects as the driver does
+        objectstore.configure(storage)
     processor = _processor(model)
     out = {name: [] for name in ("path", "needs", "kept", "reason", "pixels", *_FILE_FIELDS)}
     shape = None
@@ -143,7 +148,8 @@ class RayIndexer(Indexer):
         blocks = max(1, min(len(items) // self.batch_size, 64))
         job = (
             data.from_items(items, override_num_blocks=blocks)
-            .map_batches(_decode_batch, fn_kwargs={"model": self.model, "max_pixels": self.max_pixels, "min_side": min_side},
+            .map_batches(_decode_batch, fn_kwargs={"model": self.model, "max_pixels": self.max_pixels, "min_side": min_side,
+                                                   "storage": objectstore.current_options()},
                          batch_size=self.batch_size, num_cpus=1)
             .map_batches(_Encode, fn_constructor_kwargs={
                 "model": self.model, "encoder": self.encoder_name, "device": self.ray.device, "precision": self.ray.precision,

@@ -122,3 +122,14 @@ def test_an_index_in_the_bucket_with_faiss_files_beside_its_tables(s3, tmp_path,
     assert report["ok"] and report["conditions"][0]["rows"] == 40
     missing = runner.invoke(app, ["conditions", "--index", f"s3://{BUCKET}/no-index", *s3["flags"]])
     assert missing.exit_code == 2 and "no index at s3://photos-bucket/no-index" in missing.stderr
+
+
+def test_the_ray_engine_reads_images_from_the_bucket(s3, tmp_path, tiny_focal):
+    local = tmp_path / "local"
+    upload(s3, make_image_folder(local, 24), local, "ray-photos")
+    report = cli_json("index", f"s3://{BUCKET}/ray-photos", "-i", "color", "--model", tiny_focal, "--index", tmp_path / "index",
+                      "--engine", "ray", *s3["flags"])
+    assert (report["encoded"], report["skipped"], report["conditions"]) == (24, [], {"color": 24})
+    local_engine = cli_json("index", f"s3://{BUCKET}/ray-photos", "-i", "color", "--model", tiny_focal, "--index",
+                            tmp_path / "index-local", *s3["flags"])
+    assert local_engine["conditions"] == report["conditions"]
