@@ -85,17 +85,29 @@ def _set_threads(threads: int | None) -> None:
 _RESUMABLE = "interrupted; committed batches are kept, rerun the same command to resume"
 
 
+def _after_interrupt(exc: BaseException) -> bool:
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
 def _run(action, interrupted: str = _RESUMABLE):
     """Call ``action``; turn every failure into one line on stderr and an exit code."""
     try:
         return action()
-    except FocalSearchError as exc:
-        _fail(" ".join(str(exc).split()), exc.exit_code)
     except KeyboardInterrupt:
         _fail(interrupted, 130)
     except typer.Exit:
         raise
-    except Exception as exc:  # an internal failure: one line, the traceback only on request
+    except Exception as exc:
+        if _after_interrupt(exc):  # cleanup after Ctrl-C failed too (say, a write cut off half-way): still Ctrl-C
+            _fail(interrupted, 130)
+        if isinstance(exc, FocalSearchError):
+            _fail(" ".join(str(exc).split()), exc.exit_code)
+        # an internal failure: one line, the traceback only on request
         if os.environ.get("FOCALSEARCH_DEBUG"):
             raise
         _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (set FOCALSEARCH_DEBUG=1 for a traceback)", 1)

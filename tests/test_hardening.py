@@ -419,3 +419,22 @@ def test_threads_option_and_sleeping_workers(indexed):
     assert chosen.stdout.split()[2] == "None"  # the user's own policy is kept
     result = cli("query", "--text", "red", "-i", "color", "--index", indexed["index"], "--threads", "1", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_a_failure_while_cleaning_up_after_ctrl_c_still_reports_the_interrupt(capsys):
+    """Ctrl-C can cut a LanceDB write off half-way, so the cleanup that follows may fail too: that is still exit 130."""
+    import typer
+
+    from focalsearch.cli import _run
+    from focalsearch.errors import StorageError
+
+    def interrupted_then_cleanup_fails():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise StorageError("cannot write the index at /x: commit conflict")
+
+    with pytest.raises(typer.Exit) as stopped:
+        _run(interrupted_then_cleanup_fails)
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted; committed batches are kept, rerun the same command to resume"
