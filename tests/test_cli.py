@@ -247,7 +247,7 @@ def test_interrupted_run_resumes_with_exact_rows(tmp_path, tiny_focal, sig):
     committed = _rows(index)
     assert 0 < committed < 300, "the run must be stopped part-way for this test to mean anything"
     if sig == signal.SIGINT:
-        assert process.returncode == 130
+        assert process.returncode == 130, stderr
         assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
 
     report = cli_json("index", photos, "-i", "background", "-i", "quantity", "--index", index)
