@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from focalsearch.errors import (
     DamagedIndexError,
@@ -24,9 +25,12 @@ from focalsearch.errors import (
     UnknownImageError,
     UserError,
 )
-from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, open_query_image
+from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, open_query_image, source_exists
 from focalsearch.defaults import DEFAULT_INDEX_DIR, PRECISIONS
-from focalsearch.store import Condition, Store, is_index, quote_instruction, repair_hint, row_id
+from focalsearch.store import Condition, Store, damaged, is_index, quote_instruction, row_id
+
+if TYPE_CHECKING:
+    from focalsearch.ray_engine import RayOptions
 
 _ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
 
@@ -178,14 +182,14 @@ class FocalSearch:
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise ReadOnlyIndexError(
-                    f"index {store.root} is read-only ({exc.strerror}); queries work, but indexing needs write access"
+                    f"index {store.location} is read-only ({exc.strerror}); queries work, but indexing needs write access"
                 ) from None
             raise
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise IndexBusyError(f"index {store.root} is being updated by another process; try again later") from None
+                raise IndexBusyError(f"index {store.location} is being updated by another process; try again later") from None
             yield
         finally:
             handle.close()
@@ -207,11 +211,11 @@ class FocalSearch:
 
         if not paths:
             raise UserError("give at least one image file or folder to index")
-        missing = [str(p) for p in paths if not _source_exists(p)]
+        missing = [str(p) for p in paths if not source_exists(p)]
         if missing:
             raise UserError(f"path not found: {missing[0]}")
         wanted = list(dict.fromkeys(normalize_instruction(i) for i in (instructions or [""])))
-        existed = is_index(self.index_dir if isinstance(self.index_dir, str) else self.index_dir.expanduser().resolve())
+        existed = is_index(self.location)
         if not existed:  # load the model before creating anything, so a bad model leaves no folder behind
             self._check_recorded(None)
             self._load_encoder(None)
@@ -235,18 +239,13 @@ class FocalSearch:
             existing = store.find(instruction)
             health = store.health(existing) if existing is not None else None
             if health is not None and not health.ok:
-                raise DamagedIndexError(
-                    f"condition {quote_instruction(instruction)} is damaged ({health.problem}); {repair_hint(store.root)}"
-                )
+                raise damaged(f"condition {quote_instruction(instruction)}", health.problem, store.location)
         if recorded is None or any(store.find(i) is None for i in wanted):
             info = self._load_encoder(recorded).info
             conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
         else:
             conditions = [store.find(i) for i in wanted]
-        options = dict(
-            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels, progress=progress,
-            encoder=self._encoders.get("both"), commit_seconds=self.commit_seconds,
-        )
+        options = self._indexer_options(progress)
         if engine == "ray":
             from focalsearch.ray_engine import RayIndexer, RayOptions
 
@@ -259,6 +258,12 @@ class FocalSearch:
         for condition in conditions:
             load_condition_index(store, condition)  # rebuilds the derived FAISS index if the table changed
         return report
+
+    def _indexer_options(self, progress: bool) -> dict:
+        return dict(
+            batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels, progress=progress,
+            encoder=self._encoders.get("both"), commit_seconds=self.commit_seconds,
+        )
 
     def conditions(self) -> list[ConditionSummary]:
         """Every condition in the index with its model, encoder, row count and size on disk.
@@ -286,12 +291,9 @@ class FocalSearch:
 
         store = self._open_store()
 
-        def reindex(condition: Condition, sources: list[Path]) -> None:
+        def reindex(condition: Condition, sources: list[Path | str]) -> None:
             recorded = (condition.model, condition.encoder)
-            Indexer(
-                store, lambda: self._load_encoder(recorded), batch_size=self.batch_size, workers=self.workers,
-                max_pixels=self.max_pixels, commit_seconds=self.commit_seconds,
-            ).run(sources, [condition])
+            Indexer(store, lambda: self._load_encoder(recorded), **self._indexer_options(progress=False)).run(sources, [condition])
 
         if repair:
             with self._write_lock(store):
@@ -314,8 +316,8 @@ class FocalSearch:
             return found
         known = ", ".join(quote_instruction(c.instruction) for c in store.conditions()) or "none"
         raise UnknownConditionError(
-            f"instruction {quote_instruction(wanted)} is not indexed in {store.root} (indexed: {known}); add it with: "
-            f"focalsearch index PATH --instruction {_shell_instruction(wanted)} --index {shlex.quote(str(store.root))}"
+            f"instruction {quote_instruction(wanted)} is not indexed in {store.location} (indexed: {known}); add it with: "
+            f"focalsearch index PATH --instruction {_shell_instruction(wanted)} --index {shlex.quote(store.location)}"
         )
 
     def search(
@@ -336,8 +338,6 @@ class FocalSearch:
         each: ``[("shape", 1), ("background", 1)]`` asks for the same shape AND background,
         ``[("shape", 1), ("color", -1)]`` for the same shape but NOT the same colour.
         """
-        from focalsearch.errors import DamagedIndexError
-
         wanted = self._weighted(instruction, conditions)
         if sum(q is not None for q in (image, text, image_id)) != 1:
             raise UserError("give one query: an image, --text, or an image_id")
@@ -347,7 +347,7 @@ class FocalSearch:
             raise UserError("-k must be at least 1")
         if offset < 0:
             raise UserError("offset must be 0 or more")
-        if isinstance(image, (str, Path)) and not _source_exists(image):
+        if isinstance(image, (str, Path)) and not source_exists(image):
             raise InvalidImageError(f"cannot read query image {image}: file not found")
         store = self._open_store()
         resolved = [(self.condition(i), w) for i, w in wanted]
@@ -385,7 +385,7 @@ class FocalSearch:
             if index.ann.ntotal == 0:
                 raise EmptyConditionError(
                     f"condition {quote_instruction(condition.instruction)} has no rows yet; add images with: focalsearch index PATH "
-                    f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(str(store.root))}"
+                    f"--instruction {_shell_instruction(condition.instruction)} --index {shlex.quote(store.location)}"
                 )
         exclude_id, query = image_id, image_id
         if text is not None:
@@ -428,7 +428,7 @@ class FocalSearch:
         store = self._open_store()
         recorded = self._index_model(store)
         if recorded is None:
-            raise UserError(f"index {store.root} has no conditions yet")
+            raise UserError(f"index {store.location} has no conditions yet")
         encoder = self._load_encoder(recorded)
         if self.precision == "auto":
             _pick_query_arithmetic(encoder, max_batch)
@@ -465,18 +465,19 @@ class FocalSearch:
 
     def _condition_index(self, store: Store, condition: Condition):
         """The condition's search index, kept between queries while its table is unchanged."""
-        from focalsearch.search import data_unchanged, load_condition_index
+        from focalsearch.search import built_from_current_table, load_condition_index
 
-        cached = self._indexes.get(condition.table)
-        if cached is not None and cached.table_version == store.version(condition) and data_unchanged(
-            cached.data_files, store.data_files(condition)
-        ):
-            return cached
-        with self._index_locks.setdefault(condition.table, threading.Lock()):
+        def kept():
             cached = self._indexes.get(condition.table)
-            if cached is None or cached.table_version != store.version(condition) or not data_unchanged(
-                cached.data_files, store.data_files(condition)
-            ):
+            current = cached is not None and built_from_current_table(
+                store, condition, cached.table_version, cached.data_files, store.version(condition)
+            )
+            return cached if current else None
+
+        if (cached := kept()) is not None:
+            return cached
+        with self._index_locks.setdefault(condition.table, threading.Lock()):  # one rebuild, however many queries wait
+            if (cached := kept()) is None:
                 cached = self._indexes[condition.table] = load_condition_index(store, condition)
             return cached
 
@@ -517,12 +518,6 @@ def _pick_query_arithmetic(encoder, batch: int) -> None:
     encoder.encode_texts(texts)
     if seconds() >= with_autocast:
         encoder.autocast_dtype = autocast
-
-
-def _source_exists(path) -> bool:
-    from focalsearch import objectstore
-
-    return objectstore.exists(str(path)) if objectstore.is_uri(str(path)) else Path(path).expanduser().exists()
 
 
 def _shell_instruction(instruction: str) -> str:

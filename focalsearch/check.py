@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from focalsearch import ann
 from focalsearch.errors import DamagedIndexError
+from focalsearch.images import source_exists
 from focalsearch.store import Condition, Store, TableHealth
 
 
@@ -32,6 +32,7 @@ class ConditionCheck:
     bytes: int
     problems: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
+    catalog_behind: bool = False  # the table moved on since the catalog's record (an interrupted run?)
 
 
 @dataclass
@@ -53,12 +54,12 @@ class CheckReport:
 
 
 def _faiss_state(store: Store, condition: Condition, version: int | None) -> str:
-    from focalsearch.search import data_unchanged, faiss_files
+    from focalsearch.search import built_from_current_table, faiss_files
 
     meta = ann.read_meta(faiss_files(store, condition)[0])
     if meta is None:
         return "missing"
-    fresh = meta.get("table_version") == version and data_unchanged(meta.get("data_files"), store.data_files(condition))
+    fresh = built_from_current_table(store, condition, meta.get("table_version"), meta.get("data_files"), version)
     return "fresh" if fresh else "stale"
 
 
@@ -83,6 +84,7 @@ def inspect_condition(store: Store, condition: Condition) -> ConditionCheck:
         bytes=health.bytes, problems=problems,
     )
     if not problems and condition.table_version is not None and (health.version or 0) > condition.table_version:
+        check.catalog_behind = True
         check.actions.append("catalog is behind the table (an interrupted run?)")
     return check
 
@@ -91,7 +93,7 @@ def check_index(
     store: Store,
     *,
     repair: bool = False,
-    reindex: Callable[[Condition, list[Path]], None] | None = None,
+    reindex: Callable[[Condition, list[str]], None] | None = None,
 ) -> CheckReport:
     """Check every condition of ``store``; with ``repair``, mend what can be mended.
 
@@ -102,7 +104,7 @@ def check_index(
     try:
         conditions = store.conditions()
     except DamagedIndexError as exc:
-        catalog_state, catalog_problem = "damaged", str(exc).split("; run:")[0]
+        catalog_state, catalog_problem = "damaged", exc.reason
         conditions, _ = store.read_table_conditions()
         if repair:
             conditions, _ = store.rebuild_catalog()
@@ -114,7 +116,7 @@ def check_index(
             store.write_catalog(condition)
         conditions = sorted([*conditions, *found], key=lambda c: c.instruction)
     checks = [inspect_condition(store, c) for c in conditions]
-    report = CheckReport(str(store.root), catalog_state, checks, orphans, catalog_problem)
+    report = CheckReport(store.location, catalog_state, checks, orphans, catalog_problem)
     if repair:
         by_table = {c.table: c for c in conditions}
         for check in checks:
@@ -122,16 +124,16 @@ def check_index(
     return report
 
 
-def _sources(store: Store, condition: Condition, conditions: list[Condition]) -> list[Path]:
-    """Where a damaged condition's images are: the roots it was indexed from, else its siblings' files."""
-    roots = [Path(r) for r in condition.roots]
-    if roots:
-        return [r for r in roots if r.exists()]
+def _sources(store: Store, condition: Condition, conditions: list[Condition]) -> list[str]:
+    """Where a damaged condition's images are (folders, files or object prefixes): the roots it was
+    indexed from, else its siblings' files."""
+    if condition.roots:
+        return [r for r in condition.roots if source_exists(r)]
     files: set[str] = set()
     for other in conditions:
         if other.table != condition.table and store.health(other).ok:
             files.update(store.file_records(other))
-    return sorted(Path(f) for f in files if Path(f).exists())
+    return sorted(f for f in files if source_exists(f))
 
 
 def _repair(store: Store, condition: Condition, check: ConditionCheck, conditions, reindex) -> None:
@@ -155,7 +157,7 @@ def _repair(store: Store, condition: Condition, check: ConditionCheck, condition
         check.status = "repaired" if not after.problems else "damaged"
         check.problems += after.problems
         check.rows, check.version, check.bytes = after.rows, after.version, after.bytes
-    elif any("catalog is behind" in a for a in check.actions):
+    elif check.catalog_behind:
         store.mark_updated(condition)
         check.actions.append("catalog entry refreshed")
     if check.status in ("ok", "repaired") and check.faiss != "fresh":

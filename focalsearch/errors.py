@@ -60,7 +60,14 @@ class ReadOnlyIndexError(StorageError):
 
 
 class DamagedIndexError(UserError):
-    """A condition's table (or the catalog) cannot be read; `focalsearch check --repair` mends it."""
+    """A condition's table (or the catalog) cannot be read; `focalsearch check --repair` mends it.
+
+    ``reason`` is what is wrong, without the advice around it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class EmptyConditionError(UserError):

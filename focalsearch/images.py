@@ -125,6 +125,13 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or _one_line(exc)
 
 
+def source_exists(path: str | Path) -> bool:
+    """Whether an image file, folder or object-store prefix is there."""
+    if objectstore.is_uri(str(path)):
+        return objectstore.exists(str(path))
+    return Path(path).expanduser().exists()
+
+
 def scan_images(paths: Iterable[str | Path], skipped: list[SkippedImage] | None = None) -> list[FileStat]:
     """Image files from files and (recursively) folders, deduplicated and sorted by path.
 

@@ -231,7 +231,7 @@ class Indexer:
             self.store.compact(condition)
         time.sleep(VERSION_GRACE_SECONDS)
         for condition in conditions:
-            self.store.cleanup_versions(condition, VERSION_GRACE_SECONDS)
+            self.store.compact(condition)  # nothing left to merge: this deletes the versions it superseded
 
     @property
     def encoder(self) -> "ConditionalEncoder":
@@ -289,15 +289,19 @@ class Indexer:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _skip(self, skipped: SkippedImage, stale: Sequence[Condition], records, report: IndexReport) -> None:
+        """Report a file that cannot be used; one that became unreadable must not keep a vector of its old content."""
+        path = str(skipped.path)
+        report.skipped.append(skipped)
+        stale_rows = [c for c in stale if path in records[c.table]]
+        for condition in stale_rows:
+            self.store.delete(condition, [records[condition.table][path].id])
+        report.removed += bool(stale_rows)
+
     def _route(self, item: _Decoded, records, batch: _Batch, touched, report: IndexReport) -> None:
         path = str(item.stat.path)
         if isinstance(item.result, SkippedImage):
-            report.skipped.append(item.result)
-            # A file that became unreadable must not keep a vector of its old content.
-            stale_rows = [c for c in item.stale if path in records[c.table]]
-            for condition in stale_rows:
-                self.store.delete(condition, [records[condition.table][path].id])
-            report.removed += bool(stale_rows)
+            self._skip(item.result, item.stale, records, report)
             return
         loaded = item.result
         record = FileRecord(

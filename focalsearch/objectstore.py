@@ -10,9 +10,11 @@ region, allow_http, access_key_id, secret_access_key, session_token.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from urllib.parse import urlparse
 
 from focalsearch.errors import UserError
@@ -157,11 +159,8 @@ def lance_options() -> dict[str, str]:
     return {_LANCE_KEYS.get(key, key): value for key, value in _options.items()}
 
 
-def cache_dir(uri: str) -> "Path":
+def cache_dir(uri: str) -> Path:
     """A local folder for what is derived from an index in object storage (FAISS files, thumbnails)."""
-    import hashlib
-    from pathlib import Path
-
     base = Path(os.environ.get("FOCALSEARCH_CACHE") or Path.home() / ".cache" / "focalsearch")
     return base / "indexes" / hashlib.sha1(uri.encode()).hexdigest()[:16]
 

@@ -14,11 +14,12 @@ import functools
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from focalsearch import objectstore
-from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
+from focalsearch.images import LoadedImage, SkippedImage, load_image
 from focalsearch.indexer import Indexer, IndexReport
 from focalsearch.store import FileRecord, row_id
 
@@ -166,15 +167,9 @@ class RayIndexer(Indexer):
             self._flush_touched(conditions, touched, force=False)
 
     def _route_row(self, path: str, row: dict, by_table, records, writes, touched, report: IndexReport) -> None:
-        from focalsearch.images import SkippedImage
-        from pathlib import Path
-
         if row["reason"]:
-            report.skipped.append(SkippedImage(Path(path), str(row["reason"])))
-            stale = [t for t, recorded in records.items() if path in recorded and t in by_table]
-            for table in stale:  # a file that became unreadable must not keep its old vector
-                self.store.delete(by_table[table], [records[table][path].id])
-            report.removed += bool(stale)
+            where = path if objectstore.is_uri(path) else Path(path)
+            self._skip(SkippedImage(where, str(row["reason"])), list(by_table.values()), records, report)
             return
         record = FileRecord(row_id(path), path, int(row["size"]), int(row["mtime_ns"]), str(row["content_hash"]),
                             int(row["width"]), int(row["height"]))

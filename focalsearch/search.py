@@ -126,13 +126,18 @@ def _fetch(store: Store, files: list[Path]) -> None:
             return
 
 
-def data_unchanged(recorded: dict | None, current: dict) -> bool:
-    """Every data file the index was built from is still there, the same size and age.
+def built_from_current_table(store: Store, condition: Condition, table_version, data_files, version: int) -> bool:
+    """Whether an index built from ``table_version`` with these data files stands for the table now.
 
-    New files are allowed (a new table version then says the index is stale); a missing, truncated
-    or rewritten one means the table's data is not what the index was built from.
+    The version must be the table's current one, and every data file it was built from must still
+    be there, the same size and age: new files are allowed (a new version then says it is stale);
+    a missing, truncated or rewritten one means the table's data is not what it was built from.
     """
-    return isinstance(recorded, dict) and all(current.get(name) == list(stat) for name, stat in recorded.items())
+    current = store.data_files(condition)
+    return (
+        table_version == version and isinstance(data_files, dict)
+        and all(current.get(name) == list(stat) for name, stat in data_files.items())
+    )
 
 
 def load_condition_index(store: Store, condition: Condition, **build_options) -> ConditionIndex:
@@ -150,29 +155,22 @@ def load_condition_index(store: Store, condition: Condition, **build_options) ->
     if loaded is not None:
         index, meta = loaded
         paths = _read_paths(paths_file)
-        fresh = meta.get("table") == condition.table and meta.get("table_version") == version
-        fresh = fresh and data_unchanged(meta.get("data_files"), store.data_files(condition))
+        fresh = meta.get("table") == condition.table and built_from_current_table(
+            store, condition, meta.get("table_version"), meta.get("data_files"), version
+        )
         if fresh and paths is not None and len(paths) == index.ntotal == meta.get("rows"):
             return ConditionIndex(ann.to_gpu_if_available(index), paths, version, meta["data_files"])
     return build_condition_index(store, condition, **build_options)
 
 
-def search_index(
-    index: ConditionIndex, query: np.ndarray, k: int, *, exclude: str | None = None, offset: int = 0, instruction: str = "",
-    threads: int | None = None,
-) -> list[Hit]:
-    """Hits ranked offset+1 .. offset+k by inner product, leaving out the path ``exclude`` (a query image in the index)."""
-    extra = 1 if exclude is not None else 0
-    scores, positions = ann.search(index.ann, np.asarray(query, dtype=np.float32), offset + k + extra, threads=threads)
+def search_index(index: ConditionIndex, query: np.ndarray, k: int, *, instruction: str = "", threads: int | None = None) -> list[Hit]:
+    """The top-k hits by inner product under one condition (named ``instruction`` in their scores)."""
+    scores, positions = ann.search(index.ann, np.asarray(query, dtype=np.float32), k, threads=threads)
     hits = []
-    for score, position in zip(scores[0], positions[0]):
+    for rank, (score, position) in enumerate(zip(scores[0], positions[0]), start=1):
         path = index.paths[int(position)].as_py()
-        if path != exclude:
-            hits.append((path, float(score)))
-    return [
-        Hit(rank=offset + i + 1, path=path, score=score, image_id=row_id(path), scores={instruction: score})
-        for i, (path, score) in enumerate(hits[offset:offset + k])
-    ]
+        hits.append(Hit(rank=rank, path=path, score=float(score), image_id=row_id(path), scores={instruction: float(score)}))
+    return hits
 
 
 CANDIDATES_PER_CONDITION = 100  # at least; more when k + offset asks for more

@@ -198,6 +198,11 @@ def quote_instruction(instruction: str) -> str:
     return f'"{shown}"' if instruction else '"" (unconditional)'
 
 
+def damaged(what: str, reason: str, root: Path | str) -> DamagedIndexError:
+    """The error for a damaged condition or catalog: what, why, and the command that mends it."""
+    return DamagedIndexError(f"{what} is damaged ({reason}); {repair_hint(root)}", reason)
+
+
 @contextmanager
 def _read_errors(root: Path, what: str) -> Iterator[None]:
     """Report a failed read of ``what`` (a condition or the catalog) as damage, with the way to mend it."""
@@ -206,7 +211,7 @@ def _read_errors(root: Path, what: str) -> Iterator[None]:
     except PermissionError as exc:
         raise UserError(f"cannot read the index at {root}: {short_error(exc)}") from exc
     except (OSError, RuntimeError, ValueError, pa.ArrowException) as exc:
-        raise DamagedIndexError(f"{what} is damaged ({short_error(exc)}); {repair_hint(root)}") from exc
+        raise damaged(what, short_error(exc), root) from exc
 
 
 def _optimize(table, cleanup_seconds: float) -> None:
@@ -231,6 +236,8 @@ class Store:
     def __init__(self, root: str | Path, *, create: bool = False):
         self.uri = str(root).rstrip("/") if objectstore.is_uri(str(root)) else None
         self.created = False
+        self._handles: dict[str, object] = {}
+        self._catalog_cache: tuple[int, list[Condition]] | None = None
         session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
         # Every read sees the latest committed version (another process may be indexing), which lets
         # open table handles be kept and reused: checking a handle's version costs well under a ms.
@@ -242,8 +249,6 @@ class Store:
             self.root = objectstore.cache_dir(self.uri)
             self.db = lancedb.connect(f"{self.uri}/lancedb", storage_options=objectstore.lance_options(),
                                       session=session, read_consistency_interval=consistency)
-            self._handles: dict[str, object] = {}
-            self._catalog_cache: tuple[int, list[Condition]] | None = None
             if not create and not self._table_names():
                 raise IndexNotFoundError(f"no index at {self.uri}; build one with: focalsearch index PATH --index {_q(self.uri)}")
             with _storage_errors(self.location):
@@ -259,8 +264,6 @@ class Store:
                     self.root.mkdir(parents=True)
                 self.created = True
         self.db = lancedb.connect(str(self.root / "lancedb"), session=session, read_consistency_interval=consistency)
-        self._handles = {}
-        self._catalog_cache = None
 
     @property
     def tables_dir(self) -> Path:
@@ -314,7 +317,7 @@ class Store:
         catalog = self._catalog()
         if catalog is None:
             if self._table_names():
-                raise DamagedIndexError(f"the catalog of index {self.location} is missing; {repair_hint(self.location)}")
+                raise DamagedIndexError(f"the catalog of index {self.location} is missing; {repair_hint(self.location)}", "it is missing")
             return []
         with _read_errors(self.location, "the catalog of the index"):
             version = catalog.version
@@ -338,7 +341,7 @@ class Store:
         now = _now()
         condition = Condition(table_name(model, encoder, instruction), instruction, model, encoder, dim, now, now)
         self.create_table(condition)
-        self._write_catalog(condition)
+        self.write_catalog(condition)
         return condition
 
     def create_table(self, condition: Condition) -> None:
@@ -362,10 +365,11 @@ class Store:
                 "table_version": table.version,
             }
         )
-        self._write_catalog(updated)
+        self.write_catalog(updated)
         return updated
 
-    def _write_catalog(self, condition: Condition) -> None:
+    def write_catalog(self, condition: Condition) -> None:
+        """Insert or replace a condition's catalog entry."""
         data = pa.Table.from_pylist([condition.catalog_row()], schema=_CATALOG_SCHEMA)
         catalog = self._catalog(create=True)
         with _storage_errors(self.location):
@@ -377,11 +381,6 @@ class Store:
         if catalog is not None:
             with _storage_errors(self.location):
                 _optimize(catalog, VERSION_GRACE_SECONDS)
-
-    def orphan_tables(self) -> list[str]:
-        """Tables that no catalog entry names."""
-        named = {c.table for c in self.conditions()}
-        return sorted(set(self.table_names()) - named)
 
     def table_names(self) -> list[str]:
         """The condition tables in the index's folder (not the catalog)."""
@@ -402,10 +401,6 @@ class Store:
             except Exception:  # unreadable, or made before tables described themselves
                 lost.append(name)
         return sorted(found, key=lambda c: c.instruction), lost
-
-    def write_catalog(self, condition: Condition) -> None:
-        """Insert or replace a condition's catalog entry."""
-        self._write_catalog(condition)
 
     def rebuild_catalog(self) -> tuple[list[Condition], list[str]]:
         """Replace the catalog by one made from the condition tables that describe themselves.
@@ -428,9 +423,7 @@ class Store:
     def _table(self, condition: Condition):
         table = self._open(condition.table, f"condition {quote_instruction(condition.instruction)}")
         if table is None:
-            raise DamagedIndexError(
-                f"condition {quote_instruction(condition.instruction)} is damaged (its table is missing); {repair_hint(self.location)}"
-            )
+            raise damaged(f"condition {quote_instruction(condition.instruction)}", "its table is missing", self.location)
         return table
 
     def _reading(self, condition: Condition):
@@ -511,9 +504,7 @@ class Store:
                 if len(seen) != read:
                     return TableHealth(rows, version, size, f"{read - len(seen)} rows are there twice")
         except DamagedIndexError as exc:
-            reason = str(exc)
-            match = re.search(r"is damaged \((.*)\);", reason)
-            return TableHealth(None, None, size, match.group(1) if match else reason)
+            return TableHealth(None, None, size, exc.reason)
         return TableHealth(rows, version, size)
 
     def drop_table(self, condition: Condition) -> None:
@@ -587,17 +578,12 @@ class Store:
                 table.delete(f"id IN ({_sql_list(ids[start:start + 1000])})")
         return len(ids)
 
-    def compact(self, condition: Condition) -> None:
-        """Merge the small fragments left by batched commits into few files."""
+    def compact(self, condition: Condition, cleanup_seconds: float = VERSION_GRACE_SECONDS) -> None:
+        """Merge the small fragments left by batched commits, and delete table versions (and the
+        files only they use) older than ``cleanup_seconds``."""
         table = self._table(condition)
         with _storage_errors(self.location):
-            _optimize(table, VERSION_GRACE_SECONDS)
-
-    def cleanup_versions(self, condition: Condition, older_than: float = VERSION_GRACE_SECONDS) -> None:
-        """Delete table versions (and the files only they use) older than ``older_than`` seconds."""
-        table = self._table(condition)
-        with _storage_errors(self.location):  # optimize also compacts (nothing left to, here) and needs no pylance
-            _optimize(table, older_than)
+            _optimize(table, cleanup_seconds)
 
     def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:
         """(version, paths, vectors) of a condition, read from one consistent version."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lancedb
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import draw_image, make_image_folder
