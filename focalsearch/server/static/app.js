@@ -498,6 +498,26 @@
     else await runSearch(seq, append);
   }
 
+  // POST to the API for the view `element`; on failure show why in the page and return null. A
+  // reply to a query that a newer one has replaced (seq moved on) is dropped, also as null.
+  async function fetchInto(element, message, seq, path, body, what, marks) {
+    let data;
+    try {
+      data = await api(path, body);
+    } catch (err) {
+      if (seq !== state.seq) return null;
+      element.removeAttribute("aria-busy");
+      showError(err.message);
+      failList(element, message, `The ${what} failed: ${err.message}`);
+      setStatus(`The ${what} failed.`);
+      markDone(element, "error", marks);
+      return null;
+    }
+    if (seq !== state.seq) return null;
+    element.removeAttribute("aria-busy");
+    return data;
+  }
+
   function failList(list, message, text) {
     if (list === els.results) els.more.hidden = true;
     list.replaceChildren();
@@ -530,20 +550,9 @@
     list.dataset.state = "loading";
     list.setAttribute("aria-busy", "true");
     setStatus(append ? "Loading more…" : `Searching for ${describeQuery(state.query)}…`);
-    let data;
-    try {
-      data = await api("/api/search", queryBody({ conditions, k, offset: state.offset }));
-    } catch (err) {
-      if (seq !== state.seq) return;
-      list.removeAttribute("aria-busy");
-      showError(err.message);
-      failList(list, message, `The search failed: ${err.message}`);
-      setStatus("The search failed.");
-      markDone(list, "error", { conditions: JSON.stringify(conditions) });
-      return;
-    }
-    if (seq !== state.seq) return;
-    list.removeAttribute("aria-busy");
+    const data = await fetchInto(list, message, seq, "/api/search", queryBody({ conditions, k, offset: state.offset }),
+      "search", { conditions: JSON.stringify(conditions) });
+    if (!data) return;
     const results = Array.isArray(data.results) ? data.results : [];
     const weights = Array.isArray(data.conditions) && data.conditions.length ? data.conditions : conditions;
     const cards = results.map((r) => resultCard(r, weights));
@@ -587,20 +596,9 @@
     box.dataset.state = "loading";
     box.setAttribute("aria-busy", "true");
     setStatus(`Comparing ${instructions.map(label).join(", ")} for ${describeQuery(state.query)}…`);
-    let data;
-    try {
-      data = await api("/api/compare", queryBody({ instructions, k: kValue() }));
-    } catch (err) {
-      if (seq !== state.seq) return;
-      box.removeAttribute("aria-busy");
-      showError(err.message);
-      failList(box, message, `The comparison failed: ${err.message}`);
-      setStatus("The comparison failed.");
-      markDone(box, "error", { instructions: JSON.stringify(instructions) });
-      return;
-    }
-    if (seq !== state.seq) return;
-    box.removeAttribute("aria-busy");
+    const data = await fetchInto(box, message, seq, "/api/compare", queryBody({ instructions, k: kValue() }),
+      "comparison", { instructions: JSON.stringify(instructions) });
+    if (!data) return;
     const columns = Array.isArray(data.columns) ? data.columns : [];
     box.style.setProperty("--columns", String(Math.max(1, columns.length)));
     box.replaceChildren(...columns.map((column) => compareColumn(column)));
