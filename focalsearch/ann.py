@@ -7,12 +7,15 @@ from the `meta` dict saved beside the index.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import tempfile
 import time
+import uuid
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +33,14 @@ except ImportError as exc:  # faiss comes from an extra, since its CPU and GPU b
 log = logging.getLogger(__name__)
 
 EXACT_MAX_ROWS: int = 50_000
+# The on-disk IVF build trains on at most this many vectors (400 MB at 1024 dims), so its memory does not grow with n.
+IVF_TRAIN_MAX: int = 100_000
 TARGET_RECALL: float = 0.95
 # Median single-query search time the tuner may spend for recall (2-core CPU; see benchmarks/ann.py).
 LATENCY_BUDGET_MS: float = 2.0
 LATENCY_QUERIES = 50
+# Fewer for lists mapped from a file: every list a timed query probes stays in the process's memory.
+LATENCY_QUERIES_ON_DISK = 20
 
 KINDS = ("flat", "hnsw", "ivf")
 HNSW_M = 32
@@ -58,6 +65,8 @@ class AnnIndex:
     # Measured recall@10 against exact search on the tuning queries; flat is exact, so always 1.0.
     recall_at_10: float | None
     device: str = "cpu"
+    data_file: Path | None = None  # where an on-disk IVF index keeps its lists (build_ivf_on_disk)
+    build_seconds: dict = field(default_factory=dict)  # phase -> seconds, where the builder measured them
     _gpu_resources: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -127,9 +136,9 @@ def _apply_params(index: faiss.Index, kind: str, params: dict) -> None:
         index.nprobe = int(params["nprobe"])
 
 
-def _ivf_nlist(n: int) -> int:
+def _ivf_nlist(n: int, max_train: int | None = None) -> int:
     # ~4*sqrt(n) lists, but keep >= 39 training points per centroid (below that faiss k-means warns).
-    return max(1, min(int(4 * np.sqrt(n)), n // 39))
+    return max(1, min(int(4 * np.sqrt(n)), min(n, max_train or n) // 39))
 
 
 def build_index(
@@ -170,31 +179,38 @@ def build_index(
         knob, value, limit = "efSearch", HNSW_EF_START, max(HNSW_EF_START, min(HNSW_EF_MAX, n))
     else:
         nlist = _ivf_nlist(n)
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.cp.spherical = True  # centroids on the unit sphere, like the data
-        train = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
-        index.train(train)
+        index = _trained_ivf(x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))], nlist, seed)
         index.add(x)
         params = {"nlist": nlist}
         knob, value, limit = "nprobe", 1, nlist
 
-    if tune_queries is not None:
-        q = _as_matrix(tune_queries, "tune_queries")
-    else:
-        q = x[np.sort(rng.choice(n, size=min(n, TUNE_QUERIES), replace=False))]
-        if TUNE_NOISE > 0:
-            noise = rng.standard_normal(q.shape).astype(np.float32)
-            q = q + TUNE_NOISE * noise / np.linalg.norm(noise, axis=1, keepdims=True)
-            q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
+    q = _tuning_queries(x, rng, tune_queries)
     k = min(TUNE_K, n)
     truth = _exact_positions(x, q, k)
+    recall_at = lambda: _recall(index.search(q, k)[1], truth)  # noqa: E731
+    params, recall = _tune(index, kind, params, knob, value, limit, recall_at, q, k, target_recall, latency_budget_ms)
+    return AnnIndex(index, kind, params, float(recall))
+
+
+def _tuning_queries(sample: np.ndarray, rng: np.random.Generator, given: np.ndarray | None) -> np.ndarray:
+    """The given query vectors, else ~TUNE_QUERIES rows of ``sample`` moved off the data (see TUNE_NOISE)."""
+    if given is not None:
+        return _as_matrix(given, "tune_queries")
+    q = sample[np.sort(rng.choice(len(sample), size=min(len(sample), TUNE_QUERIES), replace=False))]
+    if TUNE_NOISE > 0:
+        noise = rng.standard_normal(q.shape).astype(np.float32)
+        q = q + TUNE_NOISE * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def _tune(index, kind, params, knob, value, limit, recall_at, q, k, target_recall, latency_budget_ms) -> tuple[dict, float]:
+    """Double ``knob`` from ``value`` until ``recall_at()`` reaches the target, within the latency budget."""
     accepted: tuple[int, float] | None = None
     while True:
         params[knob] = value
         _apply_params(index, kind, params)
-        recall = _recall(index.search(q, k)[1], truth)
+        recall = recall_at()
         if accepted is not None and latency_budget_ms is not None and _median_ms(index, q, k) > latency_budget_ms:
             value, recall = accepted
             params[knob] = value
@@ -206,14 +222,182 @@ def build_index(
         value = min(value * 2, limit)
     if recall < target_recall:
         log.warning("%s index reached recall@%d=%.3f < %.3f at %s=%d", kind, k, recall, target_recall, knob, value)
-    return AnnIndex(index, kind, params, float(recall))
+    return params, recall
+
+
+def _lists_on_disk(index: faiss.Index) -> bool:
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def _trained_ivf(sample: np.ndarray, nlist: int, seed: int) -> faiss.IndexIVFFlat:
+    quantizer = faiss.IndexFlatIP(sample.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, sample.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.cp.spherical = True  # centroids on the unit sphere, like the data
+    index.train(sample)
+    return index
+
+
+def build_ivf_on_disk(
+    read_blocks: Callable[[], Iterator[np.ndarray]],
+    n: int,
+    sample: np.ndarray,
+    data_path: Path,
+    *,
+    seed: int = 0,
+    tune_queries: np.ndarray | None = None,
+    target_recall: float = TARGET_RECALL,
+    latency_budget_ms: float | None = LATENCY_BUDGET_MS,
+) -> AnnIndex:
+    """An IVF index over n vectors that are never all in memory at once; its lists live in a file in ``folder``.
+
+    ``read_blocks()`` must yield the n vectors as (m, d) float32 blocks, in the same order on every
+    call (position i = the i-th vector); it is called twice: once to assign every vector to its list,
+    once to write the lists into ``data_path`` (see data_path_for). ``sample`` (at most
+    IVF_TRAIN_MAX rows drawn from the vectors) trains the
+    centroids and seeds the tuning queries. What stays in memory: the sample, one block, the
+    centroids and 8 bytes per vector (its list); the lists are written into a file of their final
+    size, through a fresh memory map per block so that written pages leave the process as it goes.
+    The result searches through a read-only map of that file (``AnnIndex.data_file``); save_index
+    then records it beside the index.
+    Recall is measured exactly as build_index measures it, without reading the lists: IVFFlat
+    finds a true neighbour iff its list is probed. Tuning queries come from the sample.
+    """
+    sample = _as_matrix(sample, "sample")
+    nlist = _ivf_nlist(n, max_train=len(sample))
+    clock = time.perf_counter()
+    index = _trained_ivf(sample, nlist, seed)
+    quantizer = index.quantizer
+    seconds = {"train": time.perf_counter() - clock}
+    clock = time.perf_counter()
+
+    assignments = np.empty(n, dtype=np.int64)
+    fingerprints = []  # the write pass must see the very vectors that were assigned
+    seen = 0
+    for block in read_blocks():
+        block = _as_matrix(block, "block")
+        if seen + len(block) > n:
+            raise ValueError(f"read_blocks gave more than the {n} vectors announced")
+        assignments[seen : seen + len(block)] = quantizer.assign(block, 1).ravel()
+        fingerprints.append(zlib.crc32(block))
+        seen += len(block)
+    if seen != n:
+        raise ValueError(f"read_blocks gave {seen} vectors, {n} announced")
+    sizes = np.bincount(assignments, minlength=nlist).astype(np.uint64)
+    seconds["assign"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    code_size = index.code_size
+    total = int(sizes.sum()) * (code_size + 8)  # faiss's OnDiskInvertedLists layout: codes, then int64 ids
+
+    final = Path(data_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(total)
+        filled = np.zeros(nlist, dtype=np.int64)
+        start = 0
+        for number, block in enumerate(read_blocks()):
+            block = _as_matrix(block, "block")
+            if number >= len(fingerprints) or zlib.crc32(block) != fingerprints[number]:
+                raise ValueError("read_blocks gave different vectors on its second pass")
+            lists = _lists_file(tmp, sizes, code_size, total, writable=True)
+            _write_block(lists, block, assignments[start : start + len(block)], start, filled)
+            del lists  # unmaps: the pages written leave this process's memory
+            start += len(block)
+        if start != n or not np.array_equal(filled, sizes.astype(np.int64)):
+            raise ValueError("read_blocks gave different vectors on its second pass")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    seconds["write"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    lists = _lists_file(final, sizes, code_size, total, writable=False)
+    index.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns (and frees) its lists
+    index.ntotal = n
+
+    rng = np.random.default_rng(seed)
+    q = _tuning_queries(sample, rng, tune_queries)
+    k = min(TUNE_K, n)
+    truth = _streamed_exact_positions(read_blocks, q, k)
+    truth_lists = assignments[truth]
+    recall_at = lambda: _recall_by_lists(quantizer, q, truth_lists, index.nprobe)  # noqa: E731
+    params = {"nlist": nlist}
+    params, recall = _tune(index, "ivf", params, "nprobe", 1, nlist, recall_at, q, k, target_recall, latency_budget_ms)
+    seconds["tune"] = time.perf_counter() - clock
+    return AnnIndex(index, "ivf", params, float(recall), data_file=final,
+                    build_seconds={phase: round(t, 3) for phase, t in seconds.items()})
+
+
+def data_path_for(index_path: Path) -> Path:
+    """A new, unique name for the lists file of an on-disk index to be saved at ``index_path``.
+
+    Unique per build, so a process still mapping the previous build's lists is never disturbed.
+    """
+    index_path = Path(index_path)
+    return index_path.with_name(f"{index_path.name}.{uuid.uuid4().hex}.ivfdata")
+
+
+def _lists_file(path: Path, sizes: np.ndarray, code_size: int, total: int, *, writable: bool) -> faiss.OnDiskInvertedLists:
+    """faiss inverted lists laid out back to back in ``path`` (one list per slot of its exact size), mapped."""
+    lists = faiss.OnDiskInvertedLists(len(sizes), code_size, str(path))
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    lists.totsize = total
+    lists.read_only = not writable
+    lists.do_mmap()
+    return lists
+
+
+def _write_block(lists, block: np.ndarray, assigned: np.ndarray, start: int, filled: np.ndarray) -> None:
+    """Append a block's vectors (positions start..) to their lists."""
+    order = np.argsort(assigned, kind="stable")
+    grouped = assigned[order]
+    bounds = np.flatnonzero(np.diff(grouped)) + 1
+    for chunk in np.split(order, bounds):
+        if not len(chunk):
+            continue
+        list_no = int(assigned[chunk[0]])
+        ids = (chunk + start).astype(np.int64)
+        codes = np.ascontiguousarray(block[chunk]).view(np.uint8)
+        lists.update_entries(list_no, int(filled[list_no]), len(chunk), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        filled[list_no] += len(chunk)
+
+
+def _streamed_exact_positions(read_blocks, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k positions of each query over all blocks, one block in memory at a time."""
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_positions = np.full((len(queries), k), -1, dtype=np.int64)
+    start = 0
+    for block in read_blocks():
+        block = _as_matrix(block, "block")
+        kk = min(k, len(block))
+        scores, positions = faiss.knn(queries, block, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        positions = np.concatenate([best_positions, positions + start], axis=1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_positions = np.take_along_axis(scores, top, 1), np.take_along_axis(positions, top, 1)
+        start += len(block)
+    return best_positions
+
+
+def _recall_by_lists(quantizer: faiss.Index, queries: np.ndarray, truth_lists: np.ndarray, nprobe: int) -> float:
+    """IVFFlat's recall@k at ``nprobe``: the share of true neighbours whose list is among those probed."""
+    probed = quantizer.search(queries, nprobe)[1]
+    hits = sum(np.isin(t, p).sum() for t, p in zip(truth_lists, probed))
+    return float(hits / truth_lists.size)
 
 
 def _median_ms(index: faiss.Index, queries: np.ndarray, k: int) -> float:
     """Median wall time of one query at a time, as a user's search sees it."""
-    index.search(queries[:LATENCY_QUERIES], k)  # warm the caches first: a fresh index reads cold pages
+    queries = queries[:LATENCY_QUERIES_ON_DISK if _lists_on_disk(index) else LATENCY_QUERIES]
+    index.search(queries, k)  # warm the caches first: a fresh index reads cold pages
     times = []
-    for q in queries[:LATENCY_QUERIES]:
+    for q in queries:
         started = time.perf_counter()
         index.search(q[None, :], k)
         times.append(time.perf_counter() - started)
@@ -269,7 +453,7 @@ def _identity(stat: os.stat_result) -> dict:
     return {"inode": stat.st_ino, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
-def _unchanged_since_saved(stat: os.stat_result, doc: dict, side_stat: os.stat_result) -> bool:
+def _unchanged_since_saved(stat: os.stat_result, recorded: dict | None, side_stat: os.stat_result) -> bool:
     """Whether the index file is provably the one save_index checksummed, without reading it.
 
     Any write to a file moves its ctime, and a replacement changes its inode. File timestamps are
@@ -279,7 +463,6 @@ def _unchanged_since_saved(stat: os.stat_result, doc: dict, side_stat: os.stat_r
     Not caught: another process writing the file in the instant between save_index's rename and its
     stat, or the storage corrupting bytes underneath the filesystem.
     """
-    recorded = doc.get("index_identity")
     return recorded == _identity(stat) and recorded["ctime_ns"] < side_stat.st_mtime_ns
 
 
@@ -327,10 +510,21 @@ def save_index(ann: AnnIndex, path: Path, meta: dict) -> None:
     cpu_index = ann.index
     if ann.device != "cpu":
         cpu_index = faiss.index_gpu_to_cpu(ann.index)
+    data = Path(ann.data_file) if ann.data_file is not None and ann.device == "cpu" else None
+    if data is not None and data.parent.resolve() != path.parent.resolve():
+        raise ValueError(f"an on-disk index's lists must be saved beside it: {data} is not in {path.parent}")
     tmp_index = _temp_in(path.parent, path.name)
     tmp_side = None
     try:
-        faiss.write_index(cpu_index, str(tmp_index))
+        if data is not None:  # the index file names its lists file; readers find it beside the index
+            lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(cpu_index).invlists)
+            lists.filename = data.name
+            try:
+                faiss.write_index(cpu_index, str(tmp_index))
+            finally:
+                lists.filename = str(data)
+        else:
+            faiss.write_index(cpu_index, str(tmp_index))
         with open(tmp_index, "rb+") as f:
             os.fsync(f.fileno())
         doc = {
@@ -344,6 +538,9 @@ def save_index(ann: AnnIndex, path: Path, meta: dict) -> None:
             "index_crc32": _crc32(tmp_index),
             "meta": meta,
         }
+        if data is not None:
+            doc.update({"data_file": data.name, "data_bytes": data.stat().st_size, "data_crc32": _crc32(data),
+                        "data_identity": _identity(data.stat())})
         # Drop the old sidecar first: a crash before the new one is in place then leaves no sidecar
         # (=> rebuild), never an old sidecar vouching for a new index. The size/crc also tie the pair.
         side.unlink(missing_ok=True)
@@ -360,6 +557,33 @@ def save_index(ann: AnnIndex, path: Path, meta: dict) -> None:
         for tmp in (tmp_index, tmp_side):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+    remove_unused_lists(path, keep=data)
+
+
+STALE_BUILD_SECONDS = 3600
+
+
+def remove_unused_lists(path: Path, keep: Path | None) -> None:
+    """Delete the lists files of earlier builds of the index at ``path`` (a process mapping one keeps
+    its pages), and the leftovers of builds that died over an hour ago."""
+    for old in path.parent.glob(f"{glob.escape(path.name)}.*.ivfdata*"):
+        if keep is not None and old.name == keep.name:
+            continue
+        try:
+            if not old.name.endswith(".tmp") or time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
+                old.unlink()
+        except OSError:
+            pass
+
+
+def index_files(path: Path) -> list[Path]:
+    """Every file the saved index at ``path`` consists of: the index, its lists file if any, its sidecar."""
+    path = Path(path)
+    try:
+        data = json.loads(sidecar_path(path).read_text(encoding="utf-8")).get("data_file")
+    except (OSError, ValueError, AttributeError):
+        data = None
+    return [path, *([path.with_name(data)] if data else []), sidecar_path(path)]
 
 
 def read_meta(path: Path) -> dict | None:
@@ -386,6 +610,23 @@ def _read_faiss(path: Path, kind: str, mmap: bool) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
+def _read_on_disk(path: Path, doc: dict, verify: bool, side_stat: os.stat_result) -> tuple[faiss.Index, Path]:
+    """An on-disk IVF index: its header from ``path``, its lists mapped read-only from the file beside it."""
+    data = path.with_name(Path(doc["data_file"]).name)
+    stat = data.stat()
+    if stat.st_size != int(doc["data_bytes"]):
+        raise ValueError("lists file size does not match its sidecar")
+    if verify and not _unchanged_since_saved(stat, doc.get("data_identity"), side_stat) and _crc32(data) != int(doc["data_crc32"]):
+        raise ValueError("lists file checksum does not match its sidecar")
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists) or lists.totsize != stat.st_size:
+        raise ValueError("index file does not describe its lists file")
+    lists.filename = str(data)
+    lists.do_mmap()
+    return index, data
+
+
 _INDEX_TYPES = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}
 
 
@@ -408,10 +649,13 @@ def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> tuple[A
         stat = path.stat()
         if stat.st_size != int(doc["index_bytes"]):
             raise ValueError("index file size does not match its sidecar")
-        checksum = verify and not _unchanged_since_saved(stat, doc, side.stat())
+        checksum = verify and not _unchanged_since_saved(stat, doc.get("index_identity"), side.stat())
         if checksum and _crc32(path) != int(doc["index_crc32"]):
             raise ValueError("index file checksum does not match its sidecar")
-        index = _read_faiss(path, kind, mmap)  # already the concrete class; no downcast_index (it would free)
+        if doc.get("data_file"):
+            index, data = _read_on_disk(path, doc, verify, side.stat())
+        else:
+            index, data = _read_faiss(path, kind, mmap), None  # already the concrete class; no downcast_index (it would free)
         if not isinstance(index, _INDEX_TYPES[kind]) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"index file holds {type(index).__name__}, sidecar says {kind}")
         if index.ntotal != ntotal or index.d != dim:
@@ -420,7 +664,7 @@ def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> tuple[A
     except Exception as exc:  # missing, unreadable or inconsistent: the caller rebuilds from the store
         log.info("not using index %s: %s", path, exc)
         return None
-    return AnnIndex(index, kind, params, None if recall is None else float(recall)), meta
+    return AnnIndex(index, kind, params, None if recall is None else float(recall), data_file=data), meta
 
 
 def to_gpu_if_available(ann: AnnIndex) -> AnnIndex:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -170,3 +171,35 @@ def write(uri: str, data: bytes) -> None:
     filesystem, path = _split(uri)
     with filesystem.open_output_stream(path) as stream:
         stream.write(data)
+
+
+_COPY_CHUNK = 8 << 20
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local file to ``uri`` in chunks (a multi-GB FAISS file never sits in memory); raises OSError."""
+    filesystem, path = _split(uri)
+    with open(local, "rb") as source, filesystem.open_output_stream(path) as sink:
+        shutil.copyfileobj(source, sink, _COPY_CHUNK)
+
+
+def download(uri: str, local: Path) -> None:
+    """Copy the object at ``uri`` to ``local`` in chunks, replacing it only once complete; raises OSError."""
+    filesystem, path = _split(uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(local.name + ".download")
+    try:
+        with filesystem.open_input_stream(path) as source, open(tmp, "wb") as sink:
+            shutil.copyfileobj(source, sink, _COPY_CHUNK)
+        tmp.replace(local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def delete(uri: str) -> None:
+    """Remove one object; a missing one is not an error."""
+    filesystem, path = _split(uri)
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass

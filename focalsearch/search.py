@@ -5,6 +5,7 @@ Glue between the store (LanceDB) and ann (FAISS); neither of them knows the othe
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -91,39 +92,123 @@ def _write_paths(path: Path, paths: pa.Array) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# Rows per block when a large condition's search index is built from a stream of its table
+# (8192 x 512 float32 = 16 MiB; larger blocks raised the build's peak memory, see Store.read_batches).
+STREAM_BLOCK_ROWS = 8192
+
+
 def build_condition_index(store: Store, condition: Condition, *, exact_max_rows: int = ann.EXACT_MAX_ROWS) -> ConditionIndex:
-    """Build the FAISS index from the table and persist it beside the table."""
+    """Build the FAISS index from the table and persist it beside the table.
+
+    Up to ``exact_max_rows`` rows: an exact index, built in memory. Above: an IVF index built from
+    a stream of the table (ann.build_ivf_on_disk), so memory does not grow with the table; where
+    its folder cannot be written (a read-only index, a full disk) it is built in memory instead.
+    """
     files = store.data_files(condition)
-    version, paths, vectors = store.snapshot(condition)
-    index = ann.build_index(vectors, exact_max_rows=exact_max_rows)
+    version = store.version(condition)
     index_file, paths_file = faiss_files(store, condition)
+    paths = _paths_at(store, condition, version)
+    index = None
+    if len(paths) > exact_max_rows:
+        try:
+            index = _build_streamed(store, condition, version, paths, index_file)
+        except (OSError, RuntimeError) as exc:  # faiss raises RuntimeError for I/O errors
+            log.info("building the FAISS index of %s in memory: %s", condition.table, exc)
+    if index is None:
+        index = ann.build_index(_vectors_at(store, condition, version, paths), exact_max_rows=exact_max_rows)
     meta = {"table": condition.table, "table_version": version, "rows": len(paths), "data_files": files}
     try:
         index_file.parent.mkdir(parents=True, exist_ok=True)
         _write_paths(paths_file, paths)
         ann.save_index(index, index_file, meta)
-        if store.uri is not None:  # beside the tables in the bucket, for other machines' query processes
-            for local in (index_file, ann.sidecar_path(index_file), paths_file):
-                objectstore.write(f"{store.uri}/faiss/{local.name}", local.read_bytes())
+        if store.uri is not None:
+            _upload(store, index_file, paths_file)
     except Exception as exc:  # FAISS raises RuntimeError for a full disk
         # Derived data: a read-only or full index folder costs a rebuild next time, nothing more.
         log.info("not saving the FAISS index of %s: %s", condition.table, exc)
     return ConditionIndex(ann.to_gpu_if_available(index), paths, version, files)
 
 
-def _fetch(store: Store, files: list[Path]) -> None:
-    """Copy a condition's FAISS files from the bucket into the local cache, where the bucket has them."""
-    for local in files:
-        data = objectstore.read(f"{store.uri}/faiss/{local.name}")
-        if isinstance(data, str):
-            return
-        try:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(local.name + ".download")
-            tmp.write_bytes(data)
-            tmp.replace(local)
-        except OSError:
-            return
+def _paths_at(store: Store, condition: Condition, version: int) -> pa.Array:
+    batches = store.read_batches(condition, ["path"], version=version, batch_rows=STREAM_BLOCK_ROWS)
+    chunks = [batch.column("path") for batch in batches]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _vector_blocks(store: Store, condition: Condition, version: int, paths: pa.Array):
+    """A callable streaming the table's vectors at ``version`` in blocks, row order checked against ``paths``."""
+    def blocks():
+        start = 0
+        for batch in store.read_batches(condition, ["path", "vector"], version=version, batch_rows=STREAM_BLOCK_ROWS):
+            if not batch.column("path").equals(paths.slice(start, len(batch))):
+                raise RuntimeError(f"rows of {condition.table} came back in another order")
+            start += len(batch)
+            yield batch.column("vector").flatten().to_numpy().reshape(-1, condition.dim)
+    return blocks
+
+
+def _vectors_at(store: Store, condition: Condition, version: int, paths: pa.Array) -> np.ndarray:
+    blocks = list(_vector_blocks(store, condition, version, paths)())
+    return np.concatenate(blocks) if blocks else np.empty((0, condition.dim), np.float32)
+
+
+def _build_streamed(store: Store, condition: Condition, version: int, paths: pa.Array, index_file: Path) -> ann.AnnIndex:
+    n = len(paths)
+    rng = np.random.default_rng(0)
+    positions = np.sort(rng.choice(n, size=min(n, ann.IVF_TRAIN_MAX), replace=False))
+    sample = np.empty((len(positions), condition.dim), dtype=np.float32)
+    for lo in range(0, len(positions), 8192):  # in pieces: one take of all of it holds ~2x the sample at once
+        taken = store.take_positions(condition, positions[lo:lo + 8192], ["vector"], version=version)
+        sample[lo:lo + len(taken)] = taken.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, condition.dim)
+    blocks = _vector_blocks(store, condition, version, paths)
+    return ann.build_ivf_on_disk(blocks, n, sample, ann.data_path_for(index_file))
+
+
+def _upload(store: Store, index_file: Path, paths_file: Path) -> None:
+    """Put a condition's FAISS files beside its tables in the bucket, for other machines' query processes.
+
+    The sidecar goes last: a reader that finds it finds the files it describes. The lists file of
+    the build it replaces is removed afterwards (each build's has its own name).
+    """
+    side = ann.sidecar_path(index_file)
+    before = _bucket_sidecar(store, side)
+    *files, _ = ann.index_files(index_file)
+    for local in [*files[1:], paths_file, files[0], side]:
+        objectstore.upload(local, f"{store.uri}/faiss/{local.name}")
+    previous = (before or {}).get("data_file")
+    if previous and previous not in {f.name for f in files}:
+        objectstore.delete(f"{store.uri}/faiss/{previous}")
+
+
+def _bucket_sidecar(store: Store, side: Path) -> dict | None:
+    data = objectstore.read(f"{store.uri}/faiss/{side.name}")
+    if isinstance(data, str):
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _fetch(store: Store, index_file: Path, paths_file: Path, version: int) -> None:
+    """Copy a condition's FAISS files from the bucket into the local cache, when the bucket's copy
+    was built from the table's version ``version``."""
+    side = ann.sidecar_path(index_file)
+    doc = _bucket_sidecar(store, side)
+    if doc is None or not isinstance(doc.get("meta"), dict) or doc["meta"].get("table_version") != version:
+        return
+    data = [index_file.with_name(Path(doc["data_file"]).name)] if doc.get("data_file") else []
+    try:
+        for local in [*data, paths_file, index_file]:
+            objectstore.download(f"{store.uri}/faiss/{local.name}", local)
+        side.parent.mkdir(parents=True, exist_ok=True)
+        tmp = side.with_name(side.name + ".download")
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        tmp.replace(side)
+        ann.remove_unused_lists(index_file, keep=data[0] if data else None)
+    except OSError as exc:
+        log.info("not using the bucket's FAISS files of %s: %s", index_file.stem, exc)
 
 
 def built_from_current_table(store: Store, condition: Condition, table_version, data_files, version: int) -> bool:
@@ -150,7 +235,7 @@ def load_condition_index(store: Store, condition: Condition, **build_options) ->
     version = store.version(condition)
     meta = ann.read_meta(index_file)
     if store.uri is not None and (meta is None or meta.get("table_version") != version):
-        _fetch(store, [index_file, ann.sidecar_path(index_file), paths_file])
+        _fetch(store, index_file, paths_file, version)
     loaded = ann.load_index(index_file)
     if loaded is not None:
         index, meta = loaded

@@ -5,8 +5,10 @@ The only module that imports lancedb. It sees vectors, conditions and rows; neve
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -220,6 +222,22 @@ def _optimize(table, cleanup_seconds: float) -> None:
         # LanceDB warns about a zero grace period, which only tests use (FOCALSEARCH_VERSION_GRACE_SECONDS=0).
         warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
         table.optimize(cleanup_older_than=dt.timedelta(seconds=cleanup_seconds))
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Return free heap pages to the system (glibc keeps them in per-thread arenas, where the
+    buffers of LanceDB's reader threads fragment them)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _sql_list(values: Iterable[str]) -> str:
@@ -594,6 +612,37 @@ class Store:
         vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, condition.dim)
         return version, paths, np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def _at_version(self, condition: Condition, version: int | None):
+        """The condition's table as it was at ``version`` (the kept handle when that is the latest)."""
+        table = self._table(condition)
+        if version is not None and version != table.version:
+            table = self.db.open_table(condition.table)  # a handle of its own: the kept one stays at the latest
+            table.checkout(version)
+        return table
+
+    def read_batches(self, condition: Condition, columns: Sequence[str], *, version: int, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Stream ``columns`` of every row at ``version``, ``batch_rows`` at a time, in the table's row order.
+
+        One bounded read per window, and the memory it freed handed back to the system after each:
+        with LanceDB's streaming reader (which reads ahead), and without the hand-back, a process's
+        peak grew with the table (a pass over 200k x 512 vectors: 712 MiB; over 1M: 965 MiB; with
+        both: 341 and 352 MiB).
+        """
+        with self._reading(condition):
+            table = self._at_version(condition, version)
+            rows = table.count_rows()
+            for start in range(0, rows, batch_rows):
+                window = table.search().select(list(columns)).offset(start).limit(min(batch_rows, rows - start)).to_arrow()
+                yield from window.to_batches()
+                del window
+                _release_freed_memory()
+
+    def take_positions(self, condition: Condition, positions: Sequence[int], columns: Sequence[str], *, version: int) -> pa.Table:
+        """The rows at these positions of the table's row order at ``version`` (a sample, read without a scan)."""
+        with self._reading(condition):
+            table = self._at_version(condition, version)
+            return table.take_offsets([int(p) for p in positions]).select(list(columns)).to_arrow()
+
     def vectors_by_id(self, condition: Condition, ids: Sequence[str], version: int | None = None) -> dict[str, np.ndarray]:
         """The vectors of the rows with these ids (those present), read at ``version`` when given.
 
@@ -601,12 +650,9 @@ class Store:
         """
         if not ids:
             return {}
-        table = self._table(condition)
         found: dict[str, np.ndarray] = {}
         with self._reading(condition):
-            if version is not None and version != table.version:
-                table = self.db.open_table(condition.table)  # a handle of its own: the kept one stays at the latest
-                table.checkout(version)
+            table = self._at_version(condition, version)
             for start in range(0, len(ids), 1000):
                 chunk = ids[start:start + 1000]
                 data = table.search().where(f"id IN ({_sql_list(chunk)})").select(["id", "vector"]).limit(None).to_arrow()

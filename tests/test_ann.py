@@ -374,3 +374,91 @@ def test_tuning_keeps_to_the_latency_budget(data, kind):
     capped = ann.build_index(data, kind=kind, target_recall=0.999, latency_budget_ms=1e-9)
     assert unbounded.params[knob] > capped.params[knob] == (ann.HNSW_EF_START if kind == "hnsw" else 1)
     assert capped.recall_at_10 < unbounded.recall_at_10
+
+
+def _blocks(x: np.ndarray, rows: int = 700):
+    return lambda: (x[lo:lo + rows] for lo in range(0, len(x), rows))
+
+
+def test_an_ivf_index_built_from_blocks_keeps_its_lists_in_a_file(data, tmp_path):
+    path = tmp_path / "c.faiss"
+    sample = data[np.random.default_rng(1).choice(len(data), 3000, replace=False)]
+    built = ann.build_ivf_on_disk(_blocks(data), len(data), sample, ann.data_path_for(path))
+    assert built.kind == "ivf" and built.ntotal == len(data) and built.data_file.is_file()
+    assert built.params["nlist"] == ann._ivf_nlist(len(data), max_train=3000)
+    assert set(built.build_seconds) == {"train", "assign", "write", "tune"}
+    # every vector is stored once, under its position, in the list its centroid assigns it to
+    import faiss
+
+    lists = faiss.downcast_InvertedLists(built.index.invlists)
+    assigned = built.index.quantizer.assign(data, 1).ravel()
+    seen = []
+    for list_no in range(lists.nlist):
+        size = lists.list_size(list_no)
+        if not size:
+            continue
+        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+        codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).view(np.float32).reshape(size, -1)
+        np.testing.assert_array_equal(codes, data[ids])
+        assert (assigned[ids] == list_no).all()
+        seen.append(ids)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(len(data)))
+    queries = perturbed(data, 100, seed=3)
+    truth = ann.exact_search(data, queries, 10)[1]
+    assert recall(ann.search(built, queries, 10)[1], truth) >= 0.9
+    assert built.recall_at_10 >= 0.95
+
+    ann.save_index(built, path, {"version": 1})
+    loaded, meta = ann.load_index(path)
+    assert meta == {"version": 1} and loaded.data_file == built.data_file
+    np.testing.assert_array_equal(ann.search(loaded, queries, 10)[1], ann.search(built, queries, 10)[1])
+    assert ann.index_files(path) == [path, built.data_file, ann.sidecar_path(path)]
+
+    rebuilt = ann.build_ivf_on_disk(_blocks(data, 999), len(data), sample, ann.data_path_for(path))
+    ann.save_index(rebuilt, path, {"version": 2})
+    assert not built.data_file.exists(), "the previous build's lists file is removed once replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in ann.index_files(path))
+    np.testing.assert_array_equal(ann.search(ann.load_index(path)[0], queries, 10)[1], ann.search(built, queries, 10)[1])
+
+
+def test_recall_read_from_the_lists_equals_recall_measured_by_searching(data):
+    index = ann._trained_ivf(data[:3000], 64, seed=0)
+    index.add(data)
+    assignments = index.quantizer.assign(data, 1).ravel()
+    queries = perturbed(data, 60, seed=5)
+    truth = ann.exact_search(data, queries, 10)[1]
+    for nprobe in (1, 2, 4, 8):
+        index.nprobe = nprobe
+        searched = ann._recall(index.search(queries, 10)[1], truth)
+        assert ann._recall_by_lists(index.quantizer, queries, assignments[truth], nprobe) == pytest.approx(searched)
+
+
+def test_a_damaged_lists_file_is_not_trusted(data, tmp_path):
+    path = tmp_path / "c.faiss"
+    built = ann.build_ivf_on_disk(_blocks(data), len(data), data[:3000], ann.data_path_for(path))
+    ann.save_index(built, path, {})
+    with open(built.data_file, "r+b") as f:  # same size, one byte changed
+        f.seek(12345)
+        byte = f.read(1)
+        f.seek(12345)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert ann.load_index(path) is None
+    built.data_file.write_bytes(b"short")
+    assert ann.load_index(path) is None
+    built.data_file.unlink()
+    assert ann.load_index(path) is None
+
+
+def test_blocks_that_change_between_passes_fail_and_leave_no_file(data, tmp_path):
+    calls = []
+
+    def unstable():
+        calls.append(1)
+        x = data if len(calls) == 1 else data[::-1].copy()
+        return (x[lo:lo + 1000] for lo in range(0, len(x), 1000))
+
+    with pytest.raises(ValueError, match="second pass"):
+        ann.build_ivf_on_disk(unstable, len(data), data[:3000], ann.data_path_for(tmp_path / "c.faiss"))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="announced"):
+        ann.build_ivf_on_disk(_blocks(data), len(data) + 1, data[:3000], ann.data_path_for(tmp_path / "c.faiss"))

@@ -133,3 +133,47 @@ def test_the_ray_engine_reads_images_from_the_bucket(s3, tmp_path, tiny_focal):
     local_engine = cli_json("index", f"s3://{BUCKET}/ray-photos", "-i", "color", "--model", tiny_focal, "--index",
                             tmp_path / "index-local", *s3["flags"])
     assert local_engine["conditions"] == report["conditions"]
+
+
+def test_a_large_conditions_on_disk_index_travels_through_the_bucket(s3, tmp_path, monkeypatch):
+    import numpy as np
+
+    from focalsearch import ann, search
+    from focalsearch.store import FileRecord, Store
+
+    objectstore.configure(s3["options"])
+    monkeypatch.setenv("FOCALSEARCH_CACHE", str(tmp_path / "cache-a"))
+    monkeypatch.setattr(search, "STREAM_BLOCK_ROWS", 500)
+    uri = f"s3://{BUCKET}/large-index"
+    store = Store(uri, create=True)
+    condition = store.ensure_condition("color", "m", "focallens", 16)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.add(condition, [FileRecord(row_id(f"/img/{i}.jpg"), f"/img/{i}.jpg", 1, 1, "h", 1, 1) for i in range(3000)], vectors)
+    built = search.load_condition_index(store, condition, exact_max_rows=1000)
+    assert built.ann.kind == "ivf" and built.ann.data_file is not None
+
+    def in_bucket() -> set[str]:
+        return {u.rsplit("/", 1)[1] for u, _, _ in objectstore.list_objects(f"{uri}/faiss")}
+
+    assert built.ann.data_file.name in in_bucket()
+
+    # Another machine fetches the lists file with the index instead of building its own.
+    monkeypatch.setenv("FOCALSEARCH_CACHE", str(tmp_path / "cache-b"))
+    build = ann.build_ivf_on_disk
+    monkeypatch.setattr(ann, "build_ivf_on_disk", lambda *a, **k: pytest.fail("the bucket's index must be used"))
+    other = Store(uri)
+    fetched = search.load_condition_index(other, other.find("color"), exact_max_rows=1000)
+    assert fetched.ann.data_file.name == built.ann.data_file.name and fetched.ann.data_file.parent != built.ann.data_file.parent
+    queries = vectors[:20]
+    np.testing.assert_array_equal(ann.search(fetched.ann, queries, 5)[1], ann.search(built.ann, queries, 5)[1])
+
+    # A change rebuilds it there; the bucket then holds the new lists file only.
+    monkeypatch.setattr(ann, "build_ivf_on_disk", build)
+    other.delete(other.find("color"), [row_id("/img/0.jpg")])
+    rebuilt = search.load_condition_index(other, other.find("color"), exact_max_rows=1000)
+    assert rebuilt.ann.ntotal == 2999 and rebuilt.ann.data_file.name != built.ann.data_file.name
+    lists_files = {name for name in in_bucket() if name.endswith(".ivfdata")}
+    assert lists_files == {rebuilt.ann.data_file.name}
+    assert not list(rebuilt.ann.data_file.parent.glob("*.ivfdata.*"))

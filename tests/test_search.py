@@ -253,3 +253,30 @@ def test_indexing_on_cuda_matches_the_cpu(tmp_path, tiny_focal):
         cpu, gpu = _vectors_by_path(tmp_path / "cpu", instruction), _vectors_by_path(tmp_path / "gpu", instruction)
         assert cpu.keys() == gpu.keys() and len(cpu) == 10
         assert min(float(cpu[p] @ gpu[p]) for p in cpu) > 0.99
+
+
+def test_a_large_condition_is_indexed_from_a_stream_of_its_table(tmp_path, monkeypatch):
+    from focalsearch import search
+
+    monkeypatch.setattr(search, "STREAM_BLOCK_ROWS", 700)  # several blocks
+    store, condition, vectors = _random_store(tmp_path, 5000)
+    index = build_condition_index(store, condition, exact_max_rows=1000)
+    assert index.ann.kind == "ivf" and index.ann.data_file is not None and index.ann.data_file.is_file()
+    for i in (0, 1234, 4999):  # positions stand for the right rows
+        assert search_index(index, vectors[i], 1)[0].path == f"/img/{i}.jpg"
+    reloaded = load_condition_index(store, condition, exact_max_rows=1000)
+    assert reloaded.ann.data_file == index.ann.data_file
+
+
+def test_where_the_folder_cannot_be_written_a_large_index_is_built_in_memory(tmp_path, monkeypatch):
+    from focalsearch import ann
+
+    store, condition, vectors = _random_store(tmp_path, 3000)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ann, "build_ivf_on_disk", no_space)
+    index = build_condition_index(store, condition, exact_max_rows=1000)
+    assert index.ann.kind == "ivf" and index.ann.data_file is None
+    assert search_index(index, vectors[42], 1)[0].path == "/img/42.jpg"
