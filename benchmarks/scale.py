@@ -14,14 +14,15 @@
     the process. Goal: Ray (on a running instance) / local >= 0.8.
 
 (b) Streamed FAISS build. For each size, a LanceDB table of that many clustered unit vectors
-    (`--dim`) is written with the project's Store, then a fresh process builds the condition's search
-    index exactly as a query process does (search.build_condition_index: above 50,000 rows an IVF
+    (`--dim`) is written with the project's Store in commits of 50,000 rows (in a process of its
+    own), then a fresh process builds the condition's search index exactly as a query process does (search.build_condition_index: above 50,000 rows an IVF
     index streamed from the table, its lists in a file), and another fresh process builds it the way
-    it was built before (the whole table read into memory, faiss lists in memory). Peak RSS comes from
-    the kernel (wait4's ru_maxrss, which counts mapped file pages a process touched too). Goal: the
+    it was built before (the whole table read into memory, faiss lists in memory). Peak RSS is each
+    build process's own VmHWM (it counts the mapped file pages a process touched too). Goal: the
     streamed build's peak at the largest size <= 1.3 x its peak at the smallest. Also reported at
     the largest size: the build's phases (training on the sample, assignment, writing the lists,
-    tuning), and the single-node steps of an index run (the catalog write, a table compaction).
+    tuning), and the steps of an index run that stay on one node: committing rows (the Ray engine's
+    driver commits them all), compacting the table, writing the catalog.
 """
 
 from __future__ import annotations
@@ -126,21 +127,24 @@ def make_table(root: Path, n: int, dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((1000, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    adding = 0.0
     for lo in range(0, n, 50_000):
         hi = min(n, lo + 50_000)
         block = centres[rng.integers(0, len(centres), hi - lo)] + rng.standard_normal((hi - lo, dim)).astype(np.float32) * 0.05
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         paths = [f"/photos/{i // 1000:04d}/img-{i:08d}.jpg" for i in range(lo, hi)]
         records = [FileRecord(row_id(p), p, 100_000, 0, "", 640, 480) for p in paths]
+        started = time.perf_counter()
         store.add(condition, records, block)
+        adding += time.perf_counter() - started
     started = time.perf_counter()
     store.compact(condition, cleanup_seconds=0)
     compact = time.perf_counter() - started
     started = time.perf_counter()
     store.mark_updated(condition, roots=["/photos"])
     catalog = time.perf_counter() - started
-    (root / "single-node.json").write_text(json.dumps({"compact_seconds": round(compact, 2),
-                                                        "catalog_write_seconds": round(catalog, 3)}))
+    print(json.dumps({"commit_rows_per_second": round(n / adding), "commits": -(-n // 50_000),
+                      "compact_seconds": round(compact, 2), "catalog_write_seconds": round(catalog, 3)}))
 
 
 def child_build(root: Path, mode: str) -> None:
@@ -160,18 +164,30 @@ def child_build(root: Path, mode: str) -> None:
     seconds = time.perf_counter() - started
     print(json.dumps({"kind": index.kind, "params": index.params, "recall_at_10": index.recall_at_10,
                       "on_disk": index.data_file is not None, "phases": index.build_seconds,
-                      "seconds": round(seconds, 2)}))
+                      "seconds": round(seconds, 2), "peak_rss_mib": round(own_peak_mib(), 1)}))
 
 
-def run_child(command: list[str]) -> tuple[str, float]:
-    """(stdout, peak RSS in MiB) of a child process, read from the kernel via wait4."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = process.stdout.read()
-    err = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {err.decode()[-800:]}")
-    return out.decode(), usage.ru_maxrss / 1024
+def own_peak_mib() -> float:
+    """This process's peak resident set size (VmHWM), since its exec.
+
+    Not the parent's wait4 ru_maxrss: the kernel folds the memory image a child was forked (or
+    vforked) from into that figure at exec, so a child of a large parent reports at least the
+    parent's peak (here it added up to ~400 MiB after the parent had written a 1M-row table).
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_child(*args: str) -> dict:
+    """Run this script in a fresh process with ``args``; the JSON object it prints last."""
+    command = [sys.executable, __file__, *args]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_faiss(args, scratch: Path) -> dict:
@@ -180,15 +196,13 @@ def measure_faiss(args, scratch: Path) -> dict:
     for n in sizes:
         root = scratch / f"table-{n}"
         started = time.perf_counter()
-        make_table(root, n, args.dim)
+        single_node = run_child("--child-make", str(root), "--child-rows", str(n), "--dim", str(args.dim))
         print(f"  {n:,} x {args.dim} table written in {time.perf_counter() - started:.0f} s", flush=True)
-        row = {"n": n, "dim": args.dim, "vector_mib": round(n * args.dim * 4 / 2**20, 1),
-               "single_node": json.loads((root / "single-node.json").read_text())}
+        row = {"n": n, "dim": args.dim, "vector_mib": round(n * args.dim * 4 / 2**20, 1), "single_node": single_node}
         for mode in ("streamed", "whole"):
             shutil.rmtree(root / "faiss", ignore_errors=True)
-            out, peak = run_child([sys.executable, __file__, "--child-build", str(root), "--child-mode", mode])
-            built = json.loads(out.strip().splitlines()[-1])
-            built["peak_rss_mib"] = round(peak, 1)
+            built = run_child("--child-build", str(root), "--child-mode", mode)
+            peak = built["peak_rss_mib"]
             row[mode] = built
             print(f"  {n:,} {mode:<8}: peak RSS {peak:,.0f} MiB ({peak / row['vector_mib']:.2f} x the vectors), "
                   f"{built['seconds']:.0f} s, {built['kind']} {built['params']} recall@10 {built['recall_at_10']}", flush=True)
@@ -213,7 +227,12 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=None, help="folder for generated data (default: a temp folder)")
     parser.add_argument("--child-build", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
+    parser.add_argument("--child-make", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-rows", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_make:
+        make_table(args.child_make, args.child_rows, args.dim)
+        return
     if args.child_build:
         child_build(args.child_build, args.child_mode)
         return

@@ -249,7 +249,7 @@ class FocalSearch:
         if engine == "ray":
             from focalsearch.ray_engine import RayIndexer, RayOptions
 
-            ray = ray or RayOptions(device=self.device, precision=self.precision)
+            ray = ray or RayOptions(device=self.device, precision=self.precision, threads=self.threads)
             indexer = RayIndexer(store, lambda: self._load_encoder(recorded), model=conditions[0].model,
                                  encoder_name=conditions[0].encoder, ray=ray, **options)
         else:

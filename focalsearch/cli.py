@@ -153,7 +153,7 @@ def index(
         if engine_name == "ray":
             from focalsearch.ray_engine import RayOptions
 
-            ray = RayOptions(ray_address, encode_workers, gpus_per_worker, device, precision)
+            ray = RayOptions(ray_address, encode_workers, gpus_per_worker, device, precision, threads)
         return engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty(), engine=engine_name, ray=ray)
 
     report = _run(go)

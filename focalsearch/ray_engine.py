@@ -22,6 +22,7 @@ from focalsearch import objectstore
 from focalsearch.images import LoadedImage, SkippedImage, load_image
 from focalsearch.indexer import Indexer, IndexReport
 from focalsearch.store import FileRecord, row_id
+from focalsearch.threads import available_cores
 
 _FILE_FIELDS = ("size", "mtime_ns", "content_hash", "width", "height")
 
@@ -35,6 +36,10 @@ class RayOptions:
     gpus_per_worker: float = 0.0
     device: str = "auto"
     precision: str = "auto"
+    # torch threads per CPU encoder actor; None: this node's cores shared among the encode workers.
+    # (Ray sets OMP_NUM_THREADS to an actor's num_cpus, 1, which left one of two cores idle: the
+    # engine ran at half the local engine's speed, benchmarks/scale.py.)
+    threads: int | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,7 +87,10 @@ def _decode_batch(batch: dict, *, model: str, max_pixels: int, min_side: int | N
 class _Encode:
     """Ray actor body: one warm model; encodes each image under every condition it needs."""
 
-    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str]):
+    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str], threads: int):
+        from focalsearch.threads import configure_threads
+
+        configure_threads(threads)
         from focalsearch.models import create_encoder
 
         self.encoder = create_encoder(model, encoder=encoder, device=device, precision=precision)
@@ -154,7 +162,8 @@ class RayIndexer(Indexer):
                          batch_size=self.batch_size, num_cpus=1)
             .map_batches(_Encode, fn_constructor_kwargs={
                 "model": self.model, "encoder": self.encoder_name, "device": self.ray.device, "precision": self.ray.precision,
-                "instructions": {c.table: c.instruction for c in conditions}},
+                "instructions": {c.table: c.instruction for c in conditions},
+                "threads": self.ray.threads or max(1, available_cores() // self.ray.encode_workers)},
                 batch_size=self.batch_size, compute=data.ActorPoolStrategy(size=self.ray.encode_workers),
                 num_gpus=self.ray.gpus_per_worker or None, num_cpus=0 if self.ray.gpus_per_worker else 1,
                 max_restarts=0)  # a lost actor fails the job; the rerun resumes from the last commit
