@@ -179,7 +179,7 @@ class Indexer:
                 report.unchanged += 1
 
         touched: dict[str, list[FileRecord]] = {c.table: [] for c in conditions}
-        writes = {c.table: _Writes() for c in conditions}
+        writes = {c.table: self._new_writes() for c in conditions}
         completed = False
         try:
             with tqdm(total=len(todo), unit="img", disable=not self.progress, desc="indexing") as bar:
@@ -348,6 +348,9 @@ class Indexer:
             known = records[condition.table]
             for i, vector in zip(rows, vectors):
                 writes[condition.table].put(batch.records[i], vector, new=batch.records[i].path not in known)
+
+    def _new_writes(self) -> _Writes:
+        return _Writes()
 
     def _commit(self, conditions, writes: dict[str, _Writes], report: IndexReport, *, force: bool) -> None:
         for condition in conditions:

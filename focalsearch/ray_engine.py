@@ -1,17 +1,22 @@
 """`focalsearch index --engine ray`: the indexing pipeline as a Ray Data job (design §3c).
 
 The driver plans as the local engine does (scan, diff against the tables, drop vanished files)
-and writes as it does (rows buffered per condition and committed every few seconds, so a killed
-job loses at most that much and a rerun duplicates nothing). In between, Ray runs:
+and commits as it does (per condition, every few seconds, so a killed job loses at most that
+much and a rerun duplicates nothing). In between, Ray runs:
 - decode + preprocess as CPU tasks, each image decoded once for all its conditions; a file whose
   bytes are unchanged (same content hash) keeps its vectors;
-- encoding in an actor pool, one warm model per actor, on GPUs where the cluster has them.
+- encoding in an actor pool, one warm model per actor, on GPUs where the cluster has them; the
+  actors write the rows straight into the conditions' tables as Lance fragments (lance-ray's
+  fragment writer), and only the fragments' metadata travels to the driver, which commits them
+  (a Lance Append) with the deletes of replaced rows. Fragments of a killed job are never committed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import pickle
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ import numpy as np
 from focalsearch import objectstore
 from focalsearch.images import LoadedImage, SkippedImage, load_image
 from focalsearch.indexer import Indexer, IndexReport
-from focalsearch.store import FileRecord, row_id
+from focalsearch.store import FileRecord, FragmentTarget, row_id, rows_table
 from focalsearch.threads import available_cores
 
 _FILE_FIELDS = ("size", "mtime_ns", "content_hash", "width", "height")
@@ -85,9 +90,11 @@ def _decode_batch(batch: dict, *, model: str, max_pixels: int, min_side: int | N
 
 
 class _Encode:
-    """Ray actor body: one warm model; encodes each image under every condition it needs."""
+    """Ray actor body: one warm model; encodes each image under every condition it needs and
+    writes the rows as Lance fragments of those conditions' tables (uncommitted: the driver commits)."""
 
-    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str], threads: int):
+    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str], threads: int,
+                 targets: dict[str, FragmentTarget]):
         from focalsearch.threads import configure_threads
 
         configure_threads(threads)
@@ -95,6 +102,7 @@ class _Encode:
 
         self.encoder = create_encoder(model, encoder=encoder, device=device, precision=precision)
         self.instructions = instructions
+        self.targets = targets
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -108,17 +116,65 @@ class _Encode:
                 encoded = self.encoder.encode_pixels(pixels[wanted], instruction)
                 for i, vector in zip(wanted, encoded):
                     vectors[i][table] = vector
+        fragments = {}
+        for table in self.instructions:
+            wanted = [i for i in range(rows) if table in vectors[i]]
+            if wanted:
+                records = [_record(batch, i) for i in wanted]
+                target = self.targets[table]
+                fragments[table] = target.write(rows_table(len(vectors[wanted[0]][table]), records,
+                                                           np.stack([vectors[i][table] for i in wanted])))
         out = {name: batch[name] for name in ("path", "needs", "kept", "reason", *_FILE_FIELDS)}
-        out["vectors"] = [[vectors[i][t] for t in batch["needs"][i]] for i in range(rows)]
+        # The batch's fragments ride on its first row (Ray re-batches rows on their way to the driver).
+        out["fragments"] = [pickle.dumps(fragments) if i == 0 else b"" for i in range(rows)]
         return out
 
 
+def _record(batch: dict, i: int) -> FileRecord:
+    path = str(batch["path"][i])
+    return FileRecord(row_id(path), path, int(batch["size"][i]), int(batch["mtime_ns"][i]), str(batch["content_hash"][i]),
+                      int(batch["width"][i]), int(batch["height"][i]))
+
+
+class _FragmentWrites:
+    """One condition's fragments written by the encoder actors, and the rows they replace, until the next commit."""
+
+    def __init__(self) -> None:
+        self.fragments: list = []
+        self.rows = 0
+        self.replaced: list[str] = []
+        self.since: float | None = None
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def put(self, record: FileRecord, *, new: bool) -> None:
+        self.rows += 1
+        if not new:
+            self.replaced.append(record.id)
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def commit(self, store, condition) -> None:
+        # The old rows of changed files go first: a run stopped in between loses them, and its rerun
+        # encodes those files again as new; it never leaves two rows for one file.
+        if self.replaced:
+            store.delete(condition, self.replaced)
+            self.replaced = []
+        fragments, self.fragments = self.fragments, []
+        store.append_fragments(condition, fragments)
+        self.rows, self.since = 0, None
+
+
 class RayIndexer(Indexer):
-    """The local indexer's plan and writes around a Ray Data decode/encode job."""
+    """The local indexer's plan and commits around a Ray Data decode/encode/write job."""
 
     def __init__(self, store, load_encoder, *, model: str, encoder_name: str, ray: RayOptions = RayOptions(), **options):
         super().__init__(store, load_encoder, **options)
         self.model, self.encoder_name, self.ray = model, encoder_name, ray
+
+    def _new_writes(self) -> _FragmentWrites:
+        return _FragmentWrites()
 
     def _process(self, todo, conditions, records, writes, touched, report: IndexReport, bar) -> None:
         if not todo:
@@ -129,6 +185,7 @@ class RayIndexer(Indexer):
         with warnings.catch_warnings():
             # Ray starts its workers by fork+exec, which LanceDB's fork hook warns about; exec leaves nothing shared.
             warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")  # max_restarts has no named parameter yet
             self._on_ray(ray, todo, conditions, records, writes, touched, report, bar)
 
@@ -152,6 +209,7 @@ class RayIndexer(Indexer):
             path = str(stat.path)
             previous = [getattr(records[c.table].get(path), "content_hash", "") or "" for c in stale]
             items.append({"path": path, "tables": [c.table for c in stale], "previous": previous})
+        targets = {c.table: self.store.fragment_target(c) for c in conditions}
         loaded = self._encoder
         min_side = loaded.min_decode_side if loaded is not None else None
         blocks = max(1, min(len(items) // self.batch_size, 64))
@@ -163,7 +221,7 @@ class RayIndexer(Indexer):
             .map_batches(_Encode, fn_constructor_kwargs={
                 "model": self.model, "encoder": self.encoder_name, "device": self.ray.device, "precision": self.ray.precision,
                 "instructions": {c.table: c.instruction for c in conditions},
-                "threads": self.ray.threads or max(1, available_cores() // self.ray.encode_workers)},
+                "threads": self.ray.threads or max(1, available_cores() // self.ray.encode_workers), "targets": targets},
                 batch_size=self.batch_size, compute=data.ActorPoolStrategy(size=self.ray.encode_workers),
                 num_gpus=self.ray.gpus_per_worker or None, num_cpus=0 if self.ray.gpus_per_worker else 1,
                 max_restarts=0)  # a lost actor fails the job; the rerun resumes from the last commit
@@ -171,6 +229,9 @@ class RayIndexer(Indexer):
         for batch in job.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             for i, path in enumerate(batch["path"]):
                 bar.update(1)
+                if len(batch["fragments"][i]):
+                    for table, fragments in pickle.loads(batch["fragments"][i]).items():
+                        writes[table].fragments.extend(fragments)
                 self._route_row(str(path), {k: batch[k][i] for k in batch}, by_table, records, writes, touched, report)
             self._commit(conditions, writes, report, force=False)
             self._flush_touched(conditions, touched, force=False)
@@ -184,8 +245,8 @@ class RayIndexer(Indexer):
                             int(row["width"]), int(row["height"]))
         for table in row["kept"]:
             touched[table].append(record)
-        for table, vector in zip(row["needs"], row["vectors"]):
-            writes[table].put(record, np.asarray(vector, dtype=np.float32), new=path not in records[table])
+        for table in row["needs"]:
+            writes[table].put(record, new=path not in records[table])
         if len(row["needs"]):
             report.encoded += 1
         else:

@@ -149,6 +149,33 @@ class FileRecord:
     height: int
 
 
+@dataclass(frozen=True)
+class FragmentTarget:
+    """A table that workers write Lance fragments into; the driver commits them (Store.append_fragments)."""
+
+    uri: str
+    schema: pa.Schema
+    data_storage_version: str
+    storage_options: dict[str, str]
+
+    def write(self, rows: pa.Table) -> list[object]:
+        """Write ``rows`` as data files of the table, uncommitted: the fragments' metadata to commit."""
+        from lance_ray.fragment import write_fragment
+
+        written = write_fragment([rows.cast(self.schema)], self.uri, schema=self.schema,
+                                 data_storage_version=self.data_storage_version,
+                                 storage_options=self.storage_options or None)
+        return [fragment for fragment, _ in written]
+
+
+def rows_table(dim: int, records: Sequence[FileRecord], vectors: np.ndarray) -> pa.Table:
+    """Rows of a condition's table: the file records and their vectors."""
+    columns = {name: [getattr(r, name) for r in records] for name in FILE_COLUMNS}
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+    columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.Table.from_pydict(columns, schema=row_schema(dim))
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -547,10 +574,7 @@ class Store:
         return {row["path"]: FileRecord(**row) for row in table.to_pylist()}
 
     def _rows(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> pa.Table:
-        columns = {name: [getattr(r, name) for r in records] for name in FILE_COLUMNS}
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
-        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, condition.dim)
-        return pa.Table.from_pydict(columns, schema=row_schema(condition.dim))
+        return rows_table(condition.dim, records, vectors)
 
     def add(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Append rows whose ids are known not to be in the table, in one commit.
@@ -562,6 +586,28 @@ class Store:
         table = self._table(condition)
         with _storage_errors(self.location):
             table.add(self._rows(condition, records, vectors))
+
+    def fragment_target(self, condition: Condition) -> "FragmentTarget":
+        """Where and how other processes (Ray workers) write Lance fragments for this condition's table."""
+        import lance
+
+        table = self._table(condition)
+        options = objectstore.lance_options() if self.uri is not None else {}
+        with self._reading(condition):
+            dataset = lance.dataset(table.uri, storage_options=options or None)
+            return FragmentTarget(table.uri, dataset.schema, dataset.data_storage_version, options)
+
+    def append_fragments(self, condition: Condition, fragments: Sequence[object]) -> None:
+        """Commit fragments that workers wrote (write_fragments) as one new version of the table."""
+        if not fragments:
+            return
+        import lance
+
+        table = self._table(condition)
+        options = objectstore.lance_options() if self.uri is not None else None
+        with _storage_errors(self.location):
+            lance.LanceDataset.commit(table.uri, lance.LanceOperation.Append(list(fragments)),
+                                      read_version=table.version, storage_options=options)
 
     def upsert(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Insert or replace rows by id in one commit."""

@@ -124,12 +124,16 @@ def test_an_index_in_the_bucket_with_faiss_files_beside_its_tables(s3, tmp_path,
     assert missing.exit_code == 2 and "no index at s3://photos-bucket/no-index" in missing.stderr
 
 
-def test_the_ray_engine_reads_images_from_the_bucket(s3, tmp_path, tiny_focal):
+def test_the_ray_engine_reads_images_from_the_bucket_and_writes_the_index_there(s3, tmp_path, tiny_focal):
     local = tmp_path / "local"
     upload(s3, make_image_folder(local, 24), local, "ray-photos")
-    report = cli_json("index", f"s3://{BUCKET}/ray-photos", "-i", "color", "--model", tiny_focal, "--index", tmp_path / "index",
+    index = f"s3://{BUCKET}/ray-index"
+    report = cli_json("index", f"s3://{BUCKET}/ray-photos", "-i", "color", "--model", tiny_focal, "--index", index,
                       "--engine", "ray", *s3["flags"])
     assert (report["encoded"], report["skipped"], report["conditions"]) == (24, [], {"color": 24})
+    assert cli_json("check", "--index", index, *s3["flags"])["ok"]
+    hits = cli_json("query", "--text", "red", "-i", "color", "-k", "3", "--index", index, *s3["flags"])["results"]
+    assert len(hits) == 3 and all(h["path"].startswith(f"s3://{BUCKET}/ray-photos/") for h in hits)
     local_engine = cli_json("index", f"s3://{BUCKET}/ray-photos", "-i", "color", "--model", tiny_focal, "--index",
                             tmp_path / "index-local", *s3["flags"])
     assert local_engine["conditions"] == report["conditions"]

@@ -35,6 +35,7 @@ def table_rows(index: Path) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
     for condition in engine.conditions():
         data = db.open_table(condition.table).to_arrow()
         vectors = np.stack(data["vector"].to_numpy(zero_copy_only=False))
+        assert len(set(data["id"].to_pylist())) == len(data), "one row per file"
         out[condition.instruction] = dict(zip(data["id"].to_pylist(), zip(data["path"].to_pylist(), vectors)))
     return out
 
@@ -59,16 +60,36 @@ def test_ray_and_local_engines_index_the_same_rows(local_ray, tmp_path, tiny_foc
             np.testing.assert_allclose(rows_ray[instruction][row_id][1], vector, atol=1e-4)
 
 
-def test_a_ray_rerun_encodes_only_new_and_changed_files(local_ray, tmp_path, tiny_focal):
+def test_a_ray_rerun_encodes_only_new_and_changed_files(local_ray, tmp_path, tiny_focal, monkeypatch):
+    from PIL import Image
+
+    from focalsearch.store import Store
+
+    def driver_write(*args, **kwargs):
+        raise AssertionError("the Ray engine's rows are written by its actors, not by the driver")
+
+    monkeypatch.setattr(Store, "add", driver_write)
+    monkeypatch.setattr(Store, "upsert", driver_write)
     photos = tmp_path / "photos"
     paths = make_image_folder(photos, 40)
     searcher = FocalSearch(tmp_path / "index", model=str(tiny_focal))
     assert searcher.index([photos], ["color"], engine="ray").encoded == 40
+    before = table_rows(tmp_path / "index")["color"]
     make_image_folder(photos, 20, start=40)
     for path in paths[:10]:
         path.unlink()
+    changed = paths[10:15]
+    for path in changed:  # new content under the same name
+        Image.new("RGB", (48, 40), (250, 250, 0)).save(path)
     report = searcher.index([photos], ["color"], engine="ray")
-    assert (report.encoded, report.removed, report.unchanged, report.conditions) == (20, 10, 30, {"color": 50})
+    assert (report.encoded, report.removed, report.unchanged, report.conditions) == (25, 10, 25, {"color": 50})
+    after = table_rows(tmp_path / "index")["color"]
+    assert len(after) == 50  # one row per file: the changed files' old rows are gone
+    ids = {str(p): i for i, (p, _) in after.items()}
+    for path in changed:
+        row = ids[str(path)]
+        assert not np.allclose(after[row][1], before[row][1], atol=1e-4), "a changed file gets its new vector"
+    assert searcher.check().ok
 
 
 def test_a_killed_ray_job_keeps_its_commits_and_the_rerun_is_exact(tmp_path, tiny_focal):
