@@ -14,15 +14,16 @@
     the process. Goal: Ray (on a running instance) / local >= 0.8.
 
 (b) Streamed FAISS build. For each size, a LanceDB table of that many clustered unit vectors
-    (`--dim`) is written with the project's Store in commits of 50,000 rows (in a process of its
-    own), then a fresh process builds the condition's search index exactly as a query process does (search.build_condition_index: above 50,000 rows an IVF
+    (`--dim`) is written as the Ray engine writes it, in a process of its own: fragments of 4,096
+    rows committed every 49,152 rows by the project's Store; then a fresh process builds the condition's search index exactly as a query process does (search.build_condition_index: above 50,000 rows an IVF
     index streamed from the table, its lists in a file), and another fresh process builds it the way
     it was built before (the whole table read into memory, faiss lists in memory). Peak RSS is each
     build process's own VmHWM (it counts the mapped file pages a process touched too). Goal: the
     streamed build's peak at the largest size <= 1.3 x its peak at the smallest. Also reported at
     the largest size: the build's phases (training on the sample, assignment, writing the lists,
-    tuning), and the steps of an index run that stay on one node: committing rows (the Ray engine's
-    driver commits them all), compacting the table, writing the catalog.
+    tuning), and the steps of an index run that stay on one node, in the Ray engine's driver: the
+    commits (their mean, and the last, with the table at its full size), compacting the table,
+    writing the catalog.
 """
 
 from __future__ import annotations
@@ -118,32 +119,38 @@ def measure_ray(args, scratch: Path) -> dict:
 
 # ---------------------------------------------------------------- (b) streamed FAISS build
 
-def make_table(root: Path, n: int, dim: int, seed: int = 0) -> None:
-    """A one-condition index of ``n`` clustered unit vectors, written in chunks (never all in memory)."""
-    from focalsearch.store import FileRecord, Store, row_id
+def make_table(root: Path, n: int, dim: int, seed: int = 0, fragment_rows: int = 4096, commit_rows: int = 49_152) -> None:
+    """A one-condition index of ``n`` clustered unit vectors, written as the Ray engine writes: fragments
+    of ``fragment_rows`` rows (what its workers write) committed every ``commit_rows`` rows (what its driver
+    does), never all in memory. Prints the driver's costs: the commits, then compaction and the catalog write."""
+    from focalsearch.store import FileRecord, Store, row_id, rows_table
 
     store = Store(root, create=True)
     condition = store.ensure_condition("color", "synthetic", "focallens", dim)
+    target = store.fragment_target(condition)
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((1000, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    adding = 0.0
-    for lo in range(0, n, 50_000):
-        hi = min(n, lo + 50_000)
+    pending, commits = [], []
+    for lo in range(0, n, fragment_rows):
+        hi = min(n, lo + fragment_rows)
         block = centres[rng.integers(0, len(centres), hi - lo)] + rng.standard_normal((hi - lo, dim)).astype(np.float32) * 0.05
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         paths = [f"/photos/{i // 1000:04d}/img-{i:08d}.jpg" for i in range(lo, hi)]
-        records = [FileRecord(row_id(p), p, 100_000, 0, "", 640, 480) for p in paths]
-        started = time.perf_counter()
-        store.add(condition, records, block)
-        adding += time.perf_counter() - started
+        pending += target.write(rows_table(dim, [FileRecord(row_id(p), p, 100_000, 0, "", 640, 480) for p in paths], block))
+        if hi % commit_rows == 0 or hi == n:
+            started = time.perf_counter()
+            store.append_fragments(condition, pending)
+            commits.append(time.perf_counter() - started)
+            pending = []
     started = time.perf_counter()
     store.compact(condition, cleanup_seconds=0)
     compact = time.perf_counter() - started
     started = time.perf_counter()
     store.mark_updated(condition, roots=["/photos"])
     catalog = time.perf_counter() - started
-    print(json.dumps({"commit_rows_per_second": round(n / adding), "commits": -(-n // 50_000),
+    print(json.dumps({"fragment_rows": fragment_rows, "commits": len(commits), "commit_seconds_mean": round(float(np.mean(commits)), 4),
+                      "commit_seconds_last": round(commits[-1], 4), "fragments_before_compaction": -(-n // fragment_rows),
                       "compact_seconds": round(compact, 2), "catalog_write_seconds": round(catalog, 3)}))
 
 

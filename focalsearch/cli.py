@@ -135,6 +135,8 @@ def index(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to run on (default: start a local one).")] = None,
     encode_workers: Annotated[int, typer.Option("--encode-workers", min=1, help="Ray: encoder actors, one warm model each.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0, help="Ray: GPUs per encoder actor (0: CPU).")] = 0.0,
+    fragment_rows: Annotated[int, typer.Option("--fragment-rows", min=1, help="Ray: rows per Lance fragment the workers write "
+                                               "(rows reach a commit in groups this large).")] = 4096,
     storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -153,7 +155,7 @@ def index(
         if engine_name == "ray":
             from focalsearch.ray_engine import RayOptions
 
-            ray = RayOptions(ray_address, encode_workers, gpus_per_worker, device, precision, threads)
+            ray = RayOptions(ray_address, encode_workers, gpus_per_worker, device, precision, threads, fragment_rows)
         return engine.index(paths, instruction or [""], progress=not as_json and sys.stderr.isatty(), engine=engine_name, ray=ray)
 
     report = _run(go)

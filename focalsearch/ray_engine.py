@@ -45,6 +45,9 @@ class RayOptions:
     # (Ray sets OMP_NUM_THREADS to an actor's num_cpus, 1, which left one of two cores idle: the
     # engine ran at half the local engine's speed, benchmarks/scale.py.)
     threads: int | None = None
+    # Rows per Lance fragment the workers write: every commit rewrites a manifest that lists all of a
+    # table's fragments, so fragments of one encoder batch (32 rows) would make 100M rows 3M fragments.
+    fragment_rows: int = 4096
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,11 +93,9 @@ def _decode_batch(batch: dict, *, model: str, max_pixels: int, min_side: int | N
 
 
 class _Encode:
-    """Ray actor body: one warm model; encodes each image under every condition it needs and
-    writes the rows as Lance fragments of those conditions' tables (uncommitted: the driver commits)."""
+    """Ray actor body: one warm model; encodes each image under every condition it needs."""
 
-    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str], threads: int,
-                 targets: dict[str, FragmentTarget]):
+    def __init__(self, model: str, encoder: str, device: str, precision: str, instructions: dict[str, str], threads: int):
         from focalsearch.threads import configure_threads
 
         configure_threads(threads)
@@ -102,32 +103,43 @@ class _Encode:
 
         self.encoder = create_encoder(model, encoder=encoder, device=device, precision=precision)
         self.instructions = instructions
-        self.targets = targets
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
         rows = len(batch["path"])
-        vectors = [dict() for _ in range(rows)]
+        out = {name: batch[name] for name in ("path", "needs", "kept", "reason", *_FILE_FIELDS)}
         for table, instruction in self.instructions.items():
             wanted = [i for i in range(rows) if table in list(batch["needs"][i])]
+            vectors = None
             if wanted:
-                encoded = self.encoder.encode_pixels(pixels[wanted], instruction)
-                for i, vector in zip(wanted, encoded):
-                    vectors[i][table] = vector
-        fragments = {}
-        for table in self.instructions:
-            wanted = [i for i in range(rows) if table in vectors[i]]
-            if wanted:
-                records = [_record(batch, i) for i in wanted]
-                target = self.targets[table]
-                fragments[table] = target.write(rows_table(len(vectors[wanted[0]][table]), records,
-                                                           np.stack([vectors[i][table] for i in wanted])))
-        out = {name: batch[name] for name in ("path", "needs", "kept", "reason", *_FILE_FIELDS)}
-        # The batch's fragments ride on its first row (Ray re-batches rows on their way to the driver).
-        out["fragments"] = [pickle.dumps(fragments) if i == 0 else b"" for i in range(rows)]
+                encoded = np.asarray(self.encoder.encode_pixels(pixels[wanted], instruction), dtype=np.float32)
+                vectors = np.zeros((rows, encoded.shape[1]), np.float32)  # rows that do not need it: ignored
+                vectors[wanted] = encoded
+            out[_VECTORS + table] = vectors if vectors is not None else np.zeros((rows, 1), np.float32)
         return out
+
+
+_VECTORS = "vectors:"
+
+
+def _write_fragments(batch: dict, *, targets: dict[str, FragmentTarget]) -> dict:
+    """Ray task body: write a batch's rows into each condition's table as Lance fragments, uncommitted.
+
+    Only the fragments' metadata and the rows' file records go on to the driver, which commits them.
+    """
+    rows = len(batch["path"])
+    fragments = {}
+    for table, target in targets.items():
+        wanted = [i for i in range(rows) if table in list(batch["needs"][i])]
+        if wanted:
+            vectors = np.asarray(batch[_VECTORS + table])[wanted]
+            fragments[table] = target.write(rows_table(vectors.shape[1], [_record(batch, i) for i in wanted], vectors))
+    out = {name: batch[name] for name in ("path", "needs", "kept", "reason", *_FILE_FIELDS)}
+    # The batch's fragments ride on its first row (Ray re-batches rows on their way to the driver).
+    out["fragments"] = np.array([pickle.dumps(fragments) if i == 0 else b"" for i in range(rows)], dtype=object)
+    return out
 
 
 def _record(batch: dict, i: int) -> FileRecord:
@@ -221,10 +233,12 @@ class RayIndexer(Indexer):
             .map_batches(_Encode, fn_constructor_kwargs={
                 "model": self.model, "encoder": self.encoder_name, "device": self.ray.device, "precision": self.ray.precision,
                 "instructions": {c.table: c.instruction for c in conditions},
-                "threads": self.ray.threads or max(1, available_cores() // self.ray.encode_workers), "targets": targets},
+                "threads": self.ray.threads or max(1, available_cores() // self.ray.encode_workers)},
                 batch_size=self.batch_size, compute=data.ActorPoolStrategy(size=self.ray.encode_workers),
                 num_gpus=self.ray.gpus_per_worker or None, num_cpus=0 if self.ray.gpus_per_worker else 1,
                 max_restarts=0)  # a lost actor fails the job; the rerun resumes from the last commit
+            .map_batches(_write_fragments, fn_kwargs={"targets": targets}, batch_size=max(self.batch_size, self.ray.fragment_rows),
+                         num_cpus=0.5)
         )
         for batch in job.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             for i, path in enumerate(batch["path"]):

@@ -97,7 +97,7 @@ def test_a_killed_ray_job_keeps_its_commits_and_the_rerun_is_exact(tmp_path, tin
     make_image_folder(photos, 400)
     index = tmp_path / "index"
     command = [sys.executable, "-m", "focalsearch.cli", "index", str(photos), "-i", "color", "-i", "shape", "--model", str(tiny_focal),
-               "--index", str(index), "--engine", "ray", "--commit-every", "0.1", "--batch-size", "8"]
+               "--index", str(index), "--engine", "ray", "--commit-every", "0.1", "--batch-size", "8", "--fragment-rows", "16"]
     job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     committed, deadline = 0, time.monotonic() + 240
     try:
@@ -111,7 +111,7 @@ def test_a_killed_ray_job_keeps_its_commits_and_the_rerun_is_exact(tmp_path, tin
         os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         job.wait(timeout=60)
     assert 0 < committed < 400, f"the job was not caught part-way ({committed} rows)"
-    rerun = subprocess.run(command[:-4] + ["--json"], capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command[:-6] + ["--json"], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads(rerun.stdout)
     assert report["conditions"] == {"color": 400, "shape": 400} and report["encoded"] < 400
