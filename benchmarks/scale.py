@@ -1,6 +1,6 @@
 """Scale-out figures, measured side by side in one run: the Ray engine's overhead and the streamed FAISS build.
 
-    python benchmarks/scale.py [--json OUT] [--sizes 200000,1000000] [--dim 512] [--images 160]
+    python benchmarks/scale.py [--json OUT] [--sizes 200000,1000000] [--dim 512] [--images 320]
                                [--repeats 2] [--skip-ray] [--skip-faiss]
 
 (a) Ray-engine overhead. On a generated folder of photo-like JPEGs (1-4 MP) and a FocalLens-CLIP of
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--sizes", default="200000,1000000")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-faiss", action="store_true")
