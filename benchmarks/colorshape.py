@@ -1,4 +1,6 @@
-"""ColorShape R@1 per condition on the held-out split: clip, clip+text and FocalLens.
+"""ColorShape R@1 per condition on the held-out split: clip, clip+text and FocalLens (training
+phrasings, and three held-out tiers: new wordings, synonyms known only from captions, and questions
+whose frame and attribute word both come from captions only).
 
     python benchmarks/colorshape.py [--clip demo-clip] [--focallens demo] [--json OUT]
 """
@@ -37,8 +39,10 @@ def main() -> None:
     gap = results["focallens"].mean - max(results["clip"].mean, results["clip+text"].mean)
     drop = results["focallens"].mean - results["focallens_heldout_phrasing"].mean
     synonyms = results["focallens"].mean - results["focallens_heldout_synonyms"].mean
+    questions = results["focallens"].mean - results["focallens_heldout_questions"].mean
     print(f"focallens - best baseline: {gap * 100:+.1f} points")
-    print(f"training - held-out phrasing: {drop * 100:+.1f} points; training - held-out synonyms: {synonyms * 100:+.1f} points")
+    print(f"training - held-out phrasing: {drop * 100:+.1f} points; training - held-out synonyms: {synonyms * 100:+.1f} points; "
+          f"training - held-out questions: {questions * 100:+.1f} points")
     print(f"{seconds:.0f} s")
     if args.json:
         payload = {

@@ -55,6 +55,26 @@ def test_held_out_split_and_phrasings_are_kept_out_of_training():
         assert cs._words(synonyms[0])[-1] not in own_words  # hue, form, items, backdrop, scale
 
 
+def test_held_out_questions_use_caption_words_and_frames_only():
+    trained_words = {w for group in cs.TRAIN_PHRASINGS.values() for p in group for w in cs._words(p)}
+    caption_only = cs.caption_vocabulary() - trained_words
+    known = {p for table in (cs.TRAIN_PHRASINGS, cs.HELDOUT_PHRASINGS, cs.HELDOUT_SYNONYMS) for g in table.values() for p in g}
+    templates = [" ".join(cs._words(t.replace("{", " ").replace("}", " "))) for t in cs._CAPTION_TEMPLATES]
+    assert set(cs.HELDOUT_QUESTIONS) == set(cs.ATTRIBUTES)
+    for attribute, questions in cs.HELDOUT_QUESTIONS.items():
+        for question in questions:
+            words = cs._words(question)
+            assert set(words) <= cs.caption_vocabulary() and question not in known, question
+            assert set(words) & caption_only, f"{question!r} names its attribute by a word the instructions never use"
+            frame = [w for w in words if w != "which"]  # the slot, asked for
+            assert any(_is_subsequence(frame, t.split()) for t in templates), f"{question!r} is no caption frame"
+
+
+def _is_subsequence(needle: list[str], hay: list[str]) -> bool:
+    it = iter(hay)
+    return all(any(w == h for h in it) for w in needle)
+
+
 def test_benchmark_items_obey_the_protocol():
     items = cs.benchmark_items(per_condition=40, distractors=4, seed=1)
     assert len(items) == 40 * len(cs.ATTRIBUTES)

@@ -15,8 +15,10 @@ import numpy as np
 
 from focalsearch.synth import colorshape as cs
 
-SETUPS = ("clip", "clip+text", "focallens", "focallens_heldout_phrasing", "focallens_heldout_synonyms")
-_PHRASING_OF_SETUP = {"focallens_heldout_phrasing": "heldout", "focallens_heldout_synonyms": "synonyms"}
+SETUPS = ("clip", "clip+text", "focallens", "focallens_heldout_phrasing", "focallens_heldout_synonyms",
+          "focallens_heldout_questions")
+_PHRASING_OF_SETUP = {"focallens_heldout_phrasing": "heldout", "focallens_heldout_synonyms": "synonyms",
+                      "focallens_heldout_questions": "questions"}
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def run_report(encoder, data=None, *, instruction: str | None = None, limit: int
     metrics = {f"{c}/R@1": v * 100 for c, v in result.per_condition.items()}
     metrics["mean/R@1"] = result.mean * 100
     if encoder.info.encoder == "focallens":
-        for phrasing, label in (("heldout", "held-out phrasings"), ("synonyms", "held-out synonyms")):
+        for phrasing, label in (("heldout", "held-out phrasings"), ("synonyms", "held-out synonyms"),
+                                ("questions", "held-out questions")):
             metrics[f"mean/R@1, {label}"] = recall_at_1(items, encoder.encode_images, phrasing, resolution).mean * 100
     return BenchReport("colorshape", encoder.info.model, encoder.info.encoder, metrics,
                        details={"queries_per_condition": per_condition, "distractors": 4})

@@ -6,7 +6,7 @@ the conditional retrieval benchmark: for a query and a condition, one positive s
 queried attribute, while the distractors share every other attribute.
 
 Held out from training: the (color, shape) pairs in HELD_OUT_PAIRS, and the phrasings in
-HELDOUT_PHRASINGS and HELDOUT_SYNONYMS. Every word of a held-out phrasing occurs in the captions, so
+HELDOUT_PHRASINGS, HELDOUT_SYNONYMS and HELDOUT_QUESTIONS. Every word of a held-out phrasing occurs in the captions, so
 the text tower knows it.
 """
 
@@ -76,7 +76,18 @@ HELDOUT_SYNONYMS: dict[str, tuple[str, ...]] = {
     "background": ("backdrop", "what is the backdrop?"),
     "size": ("scale", "how large are the items?"),
 }
-PHRASINGS = {"train": TRAIN_PHRASINGS, "heldout": HELDOUT_PHRASINGS, "synonyms": HELDOUT_SYNONYMS}
+# Hardest: questions whose sentence frame and attribute word both come from the captions only (the
+# frames of "which hue? {color}.", "how large? {size}.", "with a {color} hue", "the form is a
+# {shape}", "shapes that have a {shape} form", "the number of {color} items is {count}", "on a
+# {background} backdrop", "items of {size} scale"), never from an instruction.
+HELDOUT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("which hue?", "with which hue?"),
+    "shape": ("the form is a", "shapes that have which form?"),
+    "count": ("the number of items is", "the number of items is which?"),
+    "background": ("on a backdrop", "on which backdrop?"),
+    "size": ("how large?", "items of which scale?"),
+}
+PHRASINGS = {"train": TRAIN_PHRASINGS, "heldout": HELDOUT_PHRASINGS, "synonyms": HELDOUT_SYNONYMS, "questions": HELDOUT_QUESTIONS}
 
 _CAPTION_TEMPLATES = (
     "{count} {size} {color} {shape}s on a {background} background",
@@ -294,7 +305,7 @@ def noisy_instruction(text: str, rng: random.Random, drop: float = 0.3, max_inse
 
 
 def instruction(attribute: str, rng: random.Random, phrasing: str = "train") -> str:
-    """A phrasing of the question about ``attribute`` from the 'train', 'heldout' or 'synonyms' set."""
+    """A phrasing of the question about ``attribute`` from the 'train', 'heldout', 'synonyms' or 'questions' set."""
     return rng.choice(PHRASINGS[phrasing][attribute])
 
 
