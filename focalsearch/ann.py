@@ -295,7 +295,9 @@ def build_ivf_on_disk(
     tmp = final.with_name(final.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.truncate(total)
+            # Allocated now, not sparse: a disk that fills while the lists are written through the
+            # memory map would kill the process (SIGBUS) instead of raising here.
+            os.posix_fallocate(f.fileno(), 0, total) if total else None
         filled = np.zeros(nlist, dtype=np.int64)
         start = 0
         for number, block in enumerate(read_blocks()):

@@ -104,8 +104,24 @@ def build_condition_index(store: Store, condition: Condition, *, exact_max_rows:
     a stream of the table (ann.build_ivf_on_disk), so memory does not grow with the table; where
     its folder cannot be written (a read-only index, a full disk) it is built in memory instead.
     """
+    for attempt in range(BUILD_ATTEMPTS):
+        version = store.version(condition)
+        try:
+            return _build_at(store, condition, version, exact_max_rows)
+        except Exception:
+            # A build of a large table takes a while; an indexer may commit, compact and clean up
+            # the version it was reading meanwhile. Then build the new version; otherwise fail.
+            if attempt + 1 == BUILD_ATTEMPTS or store.version(condition) == version:
+                raise
+            log.info("the table of %s changed while its search index was built; building again", condition.table)
+    raise AssertionError("unreachable")
+
+
+BUILD_ATTEMPTS = 3
+
+
+def _build_at(store: Store, condition: Condition, version: int, exact_max_rows: int) -> ConditionIndex:
     files = store.data_files(condition)
-    version = store.version(condition)
     index_file, paths_file = faiss_files(store, condition)
     paths = _paths_at(store, condition, version)
     index = None

@@ -383,7 +383,7 @@ def _blocks(x: np.ndarray, rows: int = 700):
 def test_an_ivf_index_built_from_blocks_keeps_its_lists_in_a_file(data, tmp_path):
     path = tmp_path / "c.faiss"
     sample = data[np.random.default_rng(1).choice(len(data), 3000, replace=False)]
-    built = ann.build_ivf_on_disk(_blocks(data), len(data), sample, ann.data_path_for(path))
+    built = ann.build_ivf_on_disk(_blocks(data), len(data), sample, ann.data_path_for(path), latency_budget_ms=None)
     assert built.kind == "ivf" and built.ntotal == len(data) and built.data_file.is_file()
     assert built.params["nlist"] == ann._ivf_nlist(len(data), max_train=3000)
     assert set(built.build_seconds) == {"train", "assign", "write", "tune"}
@@ -414,7 +414,7 @@ def test_an_ivf_index_built_from_blocks_keeps_its_lists_in_a_file(data, tmp_path
     np.testing.assert_array_equal(ann.search(loaded, queries, 10)[1], ann.search(built, queries, 10)[1])
     assert ann.index_files(path) == [path, built.data_file, ann.sidecar_path(path)]
 
-    rebuilt = ann.build_ivf_on_disk(_blocks(data, 999), len(data), sample, ann.data_path_for(path))
+    rebuilt = ann.build_ivf_on_disk(_blocks(data, 999), len(data), sample, ann.data_path_for(path), latency_budget_ms=None)
     ann.save_index(rebuilt, path, {"version": 2})
     assert not built.data_file.exists(), "the previous build's lists file is removed once replaced"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in ann.index_files(path))

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_image_folder
 from focalsearch.api import FocalSearch
-from focalsearch.errors import IndexBusyError, StorageError
+from focalsearch.errors import DamagedIndexError, IndexBusyError, StorageError
 from focalsearch.search import faiss_files, build_condition_index, load_condition_index, search_index
 from focalsearch.store import FileRecord, Store, row_id
 
@@ -280,3 +280,23 @@ def test_where_the_folder_cannot_be_written_a_large_index_is_built_in_memory(tmp
     index = build_condition_index(store, condition, exact_max_rows=1000)
     assert index.ann.kind == "ivf" and index.ann.data_file is None
     assert search_index(index, vectors[42], 1)[0].path == "/img/42.jpg"
+
+
+def test_a_table_that_changes_during_a_streamed_build_is_built_again_at_its_new_version(tmp_path, monkeypatch):
+    from focalsearch import ann
+
+    store, condition, vectors = _random_store(tmp_path, 3000)
+    build = ann.build_ivf_on_disk
+    calls = []
+
+    def changing_underneath(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # an indexer commits, then the version being read is cleaned up
+            store.delete(condition, [row_id("/img/0.jpg")])
+            raise DamagedIndexError('condition "color" is damaged (LanceError(IO): Not found: data/....lance)')
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(ann, "build_ivf_on_disk", changing_underneath)
+    index = build_condition_index(store, condition, exact_max_rows=1000)
+    assert len(calls) == 2 and index.ann.ntotal == 2999 and index.table_version == store.version(condition)
+    assert "/img/0.jpg" not in index.paths.to_pylist()
