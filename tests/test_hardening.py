@@ -437,3 +437,26 @@ def test_a_failure_while_cleaning_up_after_ctrl_c_still_reports_the_interrupt(ca
         _run(interrupted_then_cleanup_fails)
     assert stopped.value.exit_code == 130
     assert capsys.readouterr().err.strip() == "error: interrupted; committed batches are kept, rerun the same command to resume"
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="mounting a tmpfs needs root")
+def test_a_streamed_search_index_on_a_full_disk_is_built_in_memory(tmp_path):
+    import numpy as np
+
+    from focalsearch.search import build_condition_index, faiss_files
+    from focalsearch.store import FileRecord, Store, row_id
+
+    store = Store(tmp_path / "index", create=True)
+    condition = store.ensure_condition("color", "m", "focallens", 16)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.add(condition, [FileRecord(row_id(f"/img/{i}.jpg"), f"/img/{i}.jpg", 1, 1, "h", 1, 1) for i in range(3000)], vectors)
+    folder = faiss_files(store, condition)[0].parent
+    with small_tmpfs("64k") as disk:  # the lists file needs 3000 x (64 + 8) bytes
+        folder.symlink_to(disk, target_is_directory=True)
+        index = build_condition_index(store, condition, exact_max_rows=1000)
+        assert index.ann.kind == "ivf" and index.ann.data_file is None  # built in memory, the process alive
+        assert not list(disk.glob("*.ivfdata*"))
+        hits = [int(p) for p in index.ann.index.search(vectors[:5], 1)[1].ravel()]
+        assert hits == [0, 1, 2, 3, 4]
