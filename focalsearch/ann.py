@@ -251,7 +251,7 @@ def build_ivf_on_disk(
     target_recall: float = TARGET_RECALL,
     latency_budget_ms: float | None = LATENCY_BUDGET_MS,
 ) -> AnnIndex:
-    """An IVF index over n vectors that are never all in memory at once; its lists live in a file in ``folder``.
+    """An IVF index over n vectors that are never all in memory at once; its lists live in the file ``data_path``.
 
     ``read_blocks()`` must yield the n vectors as (m, d) float32 blocks, in the same order on every
     call (position i = the i-th vector); it is called twice: once to assign every vector to its list,
@@ -298,7 +298,8 @@ def build_ivf_on_disk(
         with open(tmp, "wb") as f:
             # Allocated now, not sparse: a disk that fills while the lists are written through the
             # memory map would kill the process (SIGBUS) instead of raising here.
-            os.posix_fallocate(f.fileno(), 0, total) if total else None
+            if total:
+                os.posix_fallocate(f.fileno(), 0, total)
         filled = np.zeros(nlist, dtype=np.int64)
         start = 0
         for number, block in enumerate(read_blocks()):
@@ -579,12 +580,13 @@ STALE_BUILD_SECONDS = 3600
 
 def remove_unused_lists(path: Path, keep: Path | None) -> None:
     """Delete the lists files of earlier builds of the index at ``path`` (a process mapping one keeps
-    its pages), and the leftovers of builds that died over an hour ago."""
+    its pages), and the leftovers of builds or downloads that died over an hour ago (a younger one
+    may still be under way in another process)."""
     for old in path.parent.glob(f"{glob.escape(path.name)}.*.ivfdata*"):
         if keep is not None and old.name == keep.name:
             continue
         try:
-            if not old.name.endswith(".tmp") or time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
+            if old.suffix not in (".tmp", ".download") or time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
                 old.unlink()
         except OSError:
             pass

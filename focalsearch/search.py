@@ -186,13 +186,12 @@ def _upload(store: Store, index_file: Path, paths_file: Path) -> None:
     The sidecar goes last: a reader that finds it finds the files it describes. The lists file of
     the build it replaces is removed afterwards (each build's has its own name).
     """
-    side = ann.sidecar_path(index_file)
+    index, *data, side = ann.index_files(index_file)
     before = _bucket_sidecar(store, side)
-    *files, _ = ann.index_files(index_file)
-    for local in [*files[1:], paths_file, files[0], side]:
+    for local in [*data, paths_file, index, side]:
         objectstore.upload(local, f"{store.uri}/faiss/{local.name}")
     previous = (before or {}).get("data_file")
-    if previous and previous not in {f.name for f in files}:
+    if previous and previous not in {d.name for d in data}:
         objectstore.delete(f"{store.uri}/faiss/{previous}")
 
 

@@ -573,9 +573,6 @@ class Store:
         table = self._scan(condition, list(FILE_COLUMNS))
         return {row["path"]: FileRecord(**row) for row in table.to_pylist()}
 
-    def _rows(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> pa.Table:
-        return rows_table(condition.dim, records, vectors)
-
     def add(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Append rows whose ids are known not to be in the table, in one commit.
 
@@ -585,7 +582,7 @@ class Store:
             return
         table = self._table(condition)
         with _storage_errors(self.location):
-            table.add(self._rows(condition, records, vectors))
+            table.add(rows_table(condition.dim, records, vectors))
 
     def fragment_target(self, condition: Condition) -> "FragmentTarget":
         """Where and how other processes (Ray workers) write Lance fragments for this condition's table."""
@@ -613,7 +610,7 @@ class Store:
         """Insert or replace rows by id in one commit."""
         if not records:
             return
-        data = self._rows(condition, records, vectors)
+        data = rows_table(condition.dim, records, vectors)
         table = self._table(condition)
         with _storage_errors(self.location):
             table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
