@@ -126,3 +126,57 @@ def test_noisy_phrasings_keep_the_attribute_words_and_never_hit_a_held_out_phras
                 assert set(words) <= set(cs._words(phrasing)) | fillers
                 changed += noisy != phrasing
     assert changed > 2000
+
+
+def _every_instruction_the_trainer_can_emit() -> set[str]:
+    """Each training phrasing, and every way noisy_instruction can drop its filler words and insert
+    up to two caption fillers, less those that noisy_instruction refuses."""
+    import itertools
+
+    fillers = cs._filler_words()
+    out = set()
+    for phrasings in cs.TRAIN_PHRASINGS.values():
+        for phrasing in phrasings:
+            out.add(phrasing)
+            words, mark = cs._words(phrasing), "?" if phrasing.endswith("?") else ""
+            droppable = [i for i, w in enumerate(words) if w not in cs.INSTRUCTION_KEYWORDS]
+            kept_variants = {
+                tuple(w for i, w in enumerate(words) if i not in dropped)
+                for r in range(len(droppable) + 1) for dropped in itertools.combinations(droppable, r)
+            }
+            for kept in kept_variants:
+                variants = {kept}
+                for _ in range(2):
+                    variants |= {v[:i] + (f,) + v[i:] for v in variants for i in range(len(v) + 1) for f in fillers}
+                out.update(" ".join(v) + mark for v in variants if not cs.contains_held_out(list(v)))
+    return out
+
+
+def test_no_held_out_phrasing_synonym_or_question_occurs_in_any_instruction_the_trainer_can_emit():
+    import random
+
+    from focalsearch.train.data import ColorShapeSource
+
+    emittable = _every_instruction_the_trainer_can_emit()
+    assert len(emittable) > 1_000_000
+    # The enumeration covers what the trainer really draws (all of its instruction batches' texts).
+    source = ColorShapeSource("instruction", resolution=8, seed=3, phrasing_noise=0.5)
+    rng = random.Random(1)
+    drawn = {cs.noisy_instruction(cs.instruction(a, rng, "train"), rng) for _ in range(4000) for a in cs.ATTRIBUTES}
+    drawn |= {text for step in range(3) for text in source.batch(step, 64).instructions}
+    assert drawn <= emittable
+
+    # Checked as padded text, apart from how noisy_instruction checks it.
+    held_out = [p for tier in ("heldout", "synonyms", "questions") for group in cs.PHRASINGS[tier].values() for p in group]
+    held_out_runs = [" " + " ".join(cs._words(p)) + " " for p in held_out]
+    synonym_words = {"hue", "form", "forms", "backdrop", "scale", "large"}  # "number of items" is one of the runs
+    for text in emittable:
+        padded = " " + " ".join(cs._words(text)) + " "
+        assert not any(run in padded for run in held_out_runs), text
+        assert not synonym_words & set(padded.split()), text
+
+
+def test_held_out_phrases_are_found_inside_longer_instructions():
+    assert cs.contains_held_out(cs._words("how number of items objects"))
+    assert cs.contains_held_out(cs._words("what is the color of the items ?"))
+    assert not cs.contains_held_out(cs._words("number of objects"))

@@ -237,6 +237,27 @@ def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None
     return rng.choice(templates).format(**asdict(attrs))
 
 
+# The words by which captions name each attribute.
+NAME_WORDS = {"color": ("color", "hue"), "shape": ("shape", "form"), "count": ("number",), "background": ("background", "backdrop"),
+              "size": ("size", "scale")}
+
+
+def name_swapped(text: str, rng: random.Random) -> str:
+    """The caption with one attribute name replaced by another attribute's name ('' if it names none):
+    a negative that only the name words tell apart from the caption."""
+    words = text.split(" ")
+    owner = {w: a for a, names in NAME_WORDS.items() for w in names}
+    spots = [i for i, w in enumerate(words) if w.rstrip("s,.?") in owner]
+    if not spots:
+        return ""
+    i = rng.choice(spots)
+    stem = words[i].rstrip("s,.?")
+    tail = words[i][len(stem):]
+    other = rng.choice([a for a in NAME_WORDS if a != owner[stem]])
+    words[i] = rng.choice(NAME_WORDS[other]) + tail
+    return " ".join(words)
+
+
 def variants(rng: random.Random, scenes: list[Attributes], group: int) -> tuple[str, list[Attributes]]:
     """A scene and copies of it that differ in one random attribute: each other's hard negatives."""
     base = rng.choice(scenes)
@@ -284,23 +305,32 @@ def _filler_words() -> tuple[str, ...]:
 
 @functools.cache
 def _held_out_word_sequences() -> frozenset[tuple[str, ...]]:
-    return frozenset(tuple(_words(p)) for table in (HELDOUT_PHRASINGS, HELDOUT_SYNONYMS) for group in table.values() for p in group)
+    tables = (HELDOUT_PHRASINGS, HELDOUT_SYNONYMS, HELDOUT_QUESTIONS)
+    return frozenset(tuple(_words(p)) for table in tables for group in table.values() for p in group)
+
+
+def contains_held_out(words: list[str]) -> bool:
+    """Whether a held-out phrasing, synonym or question occurs anywhere in ``words`` as a run of words."""
+    runs = _held_out_word_sequences()
+    lengths = {len(r) for r in runs}
+    return any(tuple(words[i : i + n]) in runs for n in lengths for i in range(len(words) - n + 1))
 
 
 def noisy_instruction(text: str, rng: random.Random, drop: float = 0.3, max_inserted: int = 2) -> str:
     """A training phrasing with some filler words dropped and some caption words inserted.
 
     Teaches that only the words naming the attribute matter, not a phrasing's sentence frame (in
-    the training phrasings "do ... have" only ever asks about shape). The result is never one of the
-    held-out phrasings, which stay unseen.
+    the training phrasings "do ... have" only ever asks about shape). No held-out phrasing,
+    synonym or question ever occurs in the result, not even inside a longer instruction
+    ("how number of items objects" would teach "number of items").
     """
     words = _words(text)
-    fillers, held_out = _filler_words(), _held_out_word_sequences()
+    fillers = _filler_words()
     while True:
         kept = [w for w in words if w in INSTRUCTION_KEYWORDS or rng.random() >= drop] or words
         for _ in range(rng.randint(0, max_inserted)):
             kept.insert(rng.randint(0, len(kept)), rng.choice(fillers))
-        if tuple(kept) not in held_out:
+        if not contains_held_out(kept):
             return " ".join(kept) + ("?" if text.endswith("?") else "")
 
 

@@ -40,6 +40,7 @@ class TrainingBatch:
     instructions: list[str]
     targets: list[str]
     captions: list[str] | None = None
+    negatives: list[str] | None = None  # per image, a text that must not match it ('' for none)
 
 
 class TrainingSource(Protocol):
@@ -130,6 +131,7 @@ class ColorShapeSource:
         grayscale: float = 0.0,
         recolor: float = 0.0,
         phrasing_noise: float = 0.0,
+        name_negatives: bool = False,
     ):
         if objective not in ("instruction", "caption"):
             raise ValueError(objective)
@@ -147,6 +149,7 @@ class ColorShapeSource:
         self.grayscale = grayscale
         self.recolor = recolor
         self.phrasing_noise = phrasing_noise
+        self.name_negatives = name_negatives
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
@@ -163,7 +166,7 @@ class ColorShapeSource:
         some filler words and gain others (``cs.noisy_instruction``).
         """
         rng = random.Random(self.seed * 1_000_003 + step)
-        images, instructions, targets, captions = [], [], [], []
+        images, instructions, targets, captions, negatives = [], [], [], [], []
         while len(images) < size:
             varied, group = cs.variants(rng, self.scenes, self.group)
             asked = varied if rng.random() < 0.5 else rng.choice([a for a in cs.ATTRIBUTES if a != varied])
@@ -179,13 +182,16 @@ class ColorShapeSource:
                 if self.objective == "caption":
                     instructions.append("")
                     targets.append(captions[-1])
+                    if self.name_negatives:
+                        negatives.append(cs.name_swapped(captions[-1], rng))
                 else:
                     text = cs.instruction(asked, rng, "train")
                     if self.phrasing_noise > 0 and rng.random() < self.phrasing_noise:
                         text = cs.noisy_instruction(text, rng)
                     instructions.append(text)
                     targets.append(scene.get(asked))
-        return TrainingBatch(images, instructions, targets, captions if self.with_captions else None)
+        return TrainingBatch(images, instructions, targets, captions if self.with_captions else None,
+                             negatives if self.name_negatives else None)
 
     def texts(self) -> list[str]:
         rng = random.Random(self.seed)

@@ -56,6 +56,7 @@ class TrainOptions:
     caption_weight: float = 0.0
     image_weight: float = 0.0
     train_text: bool = False
+    tune_instruction_reading: bool = True  # with train_text: whether instructions' token states get gradients too
     seed: int = 0
     save_every: int = 200
     device: str = "auto"
@@ -72,14 +73,16 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def multi_positive_clip_loss(image: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def multi_positive_clip_loss(image: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                             negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE where ``labels[i]`` indexes the (deduplicated) text of image i.
 
     Images sharing a text are all positives for it: the text→image side maximises the summed
     probability of its positives instead of treating them as negatives of each other.
     """
     logits = scale * image @ texts.T  # (images, unique texts)
-    image_to_text = F.cross_entropy(logits, labels)
+    extra = logits if negatives is None else torch.cat([logits, scale * image @ negatives.T], dim=1)
+    image_to_text = F.cross_entropy(extra, labels)
     log_probs = logits.T.log_softmax(dim=1)  # over images, per text
     positives = labels[None, :] == torch.arange(texts.shape[0], device=labels.device)[:, None]
     text_to_image = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
@@ -180,6 +183,12 @@ class _Trainer:
                 mask[row, : s.shape[0]] = 1
             return self.model.instruction_projection(hidden), mask
         tokens = self._tokens(instructions, max_length)
+        if not self.options.tune_instruction_reading:
+            # The text tower learns from answers only; how it reads instructions is left where caption
+            # pretraining put it, so words known from captions alone keep their place beside tuned ones.
+            with torch.no_grad():
+                hidden = self.model.text_model(**tokens).last_hidden_state
+            return self.model.instruction_projection(hidden), tokens["attention_mask"]
         return self.model.instruction_tokens(**tokens), tokens["attention_mask"]
 
     # -- one step ------------------------------------------------------------------------------
@@ -195,7 +204,11 @@ class _Trainer:
             image = distributed.gather_with_grad(F.normalize(image.float(), dim=-1), ranks)
             unique, labels = _dedupe(distributed.gather_strings(batch.targets, ranks))
             labels = labels.to(self.device)
-            loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale)
+            negatives = None
+            if batch.negatives:
+                wrong = sorted({t for t in batch.negatives if t} - set(unique))
+                negatives = self._embed_texts(wrong) if wrong else None
+            loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale, negatives)
             if self.options.objective == "instruction" and self.options.image_weight > 0:
                 loss = loss + self.options.image_weight * same_answer_image_loss(image, labels, scale)
             if self.options.objective == "instruction" and self.options.caption_weight > 0 and batch.captions:
