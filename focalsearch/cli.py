@@ -408,6 +408,12 @@ def train(
     recolor: Annotated[float, typer.Option("--recolor", min=0.0, max=1.0, help="Share of ColorShape images not asked about colour shown in a random colour.")] = 0.0,
     phrasing_noise: Annotated[float, typer.Option("--phrasing-noise", min=0.0, max=1.0, help="Share of ColorShape instructions with filler words dropped and inserted.")] = 0.0,
     train_text: Annotated[bool, typer.Option("--train-text", help="Also train the text tower (frozen by default).")] = False,
+    freeze_word_embeddings: Annotated[bool, typer.Option(
+        "--freeze-word-embeddings",
+        help="With --train-text: keep the text tower's word embeddings, so that words no instruction uses (synonyms) move with the tuned ones.",
+    )] = False,
+    name_negatives: Annotated[bool, typer.Option(
+        "--name-negatives", help="ColorShape captions: give each caption a negative that differs only in an attribute's name.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
     resolution: Annotated[int, typer.Option(min=8, help="ColorShape image size.")] = 64,
@@ -433,6 +439,8 @@ def train(
         }
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
         argv += ["--train-text"] if train_text else []
+        argv += ["--freeze-word-embeddings"] if freeze_word_embeddings else []
+        argv += ["--name-negatives"] if name_negatives else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "focalsearch.train"]
         from focalsearch.threads import available_cores
 
@@ -446,7 +454,7 @@ def train(
     def go():
         if data == "colorshape":
             source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0, recolor=recolor,
-                                      phrasing_noise=phrasing_noise)
+                                      phrasing_noise=phrasing_noise, name_negatives=name_negatives)
         else:
             triples = read_llava_json(data)
             if objective == "caption":  # each answer then serves as its image's caption
@@ -454,7 +462,8 @@ def train(
             source = LlavaSource(triples, image_root or Path(data).parent, seed=seed)
         options = TrainOptions(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-            caption_weight=caption_weight, image_weight=image_weight, train_text=train_text, seed=seed, save_every=save_every, device=device,
+            caption_weight=caption_weight, image_weight=image_weight, train_text=train_text,
+            freeze_token_embeddings=freeze_word_embeddings, seed=seed, save_every=save_every, device=device,
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 

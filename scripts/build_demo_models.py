@@ -42,10 +42,14 @@ def main() -> None:
     parser.add_argument("--recolor", type=float, default=0.5, help="share of questions not about colour shown in a random colour")
     parser.add_argument("--image-weight", type=float, default=0.5, help="weight of the same-answer image-image term")
     parser.add_argument("--phrasing-noise", type=float, default=0.5, help="share of instructions with filler words dropped/inserted")
+    parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
+                        help="give each caption a negative that differs only in an attribute's name")
+    parser.add_argument("--tune-word-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                        help="let instruction tuning change the text tower's word embeddings")
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
-    captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1)
+    captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1, name_negatives=args.name_negatives)
     instructions = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 2,
                                      grayscale=args.grayscale, recolor=args.recolor, phrasing_noise=args.phrasing_noise)
     with tempfile.TemporaryDirectory() as scratch:
@@ -57,7 +61,8 @@ def main() -> None:
                            warmup=200, seed=args.seed, device="cpu"))
         train(str(args.out / "demo-clip"), args.out / "demo", instructions,
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
-                           warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight))
+                           warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight,
+                           freeze_token_embeddings=not args.tune_word_embeddings))
     print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
 
 
