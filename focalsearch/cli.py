@@ -408,10 +408,8 @@ def train(
     recolor: Annotated[float, typer.Option("--recolor", min=0.0, max=1.0, help="Share of ColorShape images not asked about colour shown in a random colour.")] = 0.0,
     phrasing_noise: Annotated[float, typer.Option("--phrasing-noise", min=0.0, max=1.0, help="Share of ColorShape instructions with filler words dropped and inserted.")] = 0.0,
     train_text: Annotated[bool, typer.Option("--train-text", help="Also train the text tower (frozen by default).")] = False,
-    freeze_word_embeddings: Annotated[bool, typer.Option(
-        "--freeze-word-embeddings",
-        help="With --train-text: keep the text tower's word embeddings, so that words no instruction uses (synonyms) move with the tuned ones.",
-    )] = False,
+    text_steps: Annotated[Optional[int], typer.Option(
+        "--text-steps", min=0, help="With --train-text: freeze the text tower after this many steps (keeps words known only from captions beside the tuned ones).")] = None,
     name_negatives: Annotated[bool, typer.Option(
         "--name-negatives", help="ColorShape captions: give each caption a negative that differs only in an attribute's name.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
@@ -435,11 +433,10 @@ def train(
             "--base": base, "--out": out, "--data": data, "--image-root": image_root, "--objective": objective, "--steps": steps,
             "--batch-size": batch_size, "--lr": lr, "--warmup": warmup, "--caption-weight": caption_weight,
             "--image-weight": image_weight, "--recolor": recolor, "--phrasing-noise": phrasing_noise, "--seed": seed,
-            "--save-every": save_every, "--resolution": resolution, "--device": device, "--threads": threads,
+            "--save-every": save_every, "--text-steps": text_steps, "--resolution": resolution, "--device": device, "--threads": threads,
         }
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
         argv += ["--train-text"] if train_text else []
-        argv += ["--freeze-word-embeddings"] if freeze_word_embeddings else []
         argv += ["--name-negatives"] if name_negatives else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "focalsearch.train"]
         from focalsearch.threads import available_cores
@@ -463,7 +460,7 @@ def train(
         options = TrainOptions(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
             caption_weight=caption_weight, image_weight=image_weight, train_text=train_text,
-            freeze_token_embeddings=freeze_word_embeddings, seed=seed, save_every=save_every, device=device,
+            text_steps=text_steps, seed=seed, save_every=save_every, device=device,
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 

@@ -44,8 +44,7 @@ def main() -> None:
     parser.add_argument("--phrasing-noise", type=float, default=0.5, help="share of instructions with filler words dropped/inserted")
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
-    parser.add_argument("--tune-word-embeddings", action=argparse.BooleanOptionalAction, default=False,
-                        help="let instruction tuning change the text tower's word embeddings")
+    parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
@@ -62,7 +61,7 @@ def main() -> None:
         train(str(args.out / "demo-clip"), args.out / "demo", instructions,
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
                            warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight,
-                           freeze_token_embeddings=not args.tune_word_embeddings))
+                           text_steps=args.text_steps))
     print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
 
 

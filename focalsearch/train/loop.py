@@ -56,9 +56,6 @@ class TrainOptions:
     caption_weight: float = 0.0
     image_weight: float = 0.0
     train_text: bool = False
-    tune_instruction_reading: bool = True  # with train_text: whether instructions' token states get gradients too
-    freeze_token_embeddings: bool = False  # with train_text: keep the text tower's word embeddings as they are
-    text_lr_scale: float = 1.0  # with train_text: the text tower's learning rate relative to lr
     text_steps: int | None = None  # with train_text: freeze the text tower after this many steps
     seed: int = 0
     save_every: int = 200
@@ -134,26 +131,15 @@ class _Trainer:
         self.model.to(self.device).train()
         distributed.broadcast_parameters(self.model, ranks)
         self.freeze_text = False
-        text_parts = [self.model.text_model, self.model.text_projection]
         if options.objective == "instruction" and not options.train_text:
             self._freeze_text_tower()
-        elif options.objective == "instruction" and options.freeze_token_embeddings:
-            self.model.text_model.embeddings.token_embedding.requires_grad_(False)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        text = {id(p) for part in text_parts for p in part.parameters()}
         # CLIP's convention: no weight decay on gains, biases, the class embedding and the temperature
         # (decay pulls the log temperature towards 0 and undoes what the loss learns).
-        # (Two groups unless the text tower has its own rate: the layout of saved optimizer states.)
-        text_rate = options.text_lr_scale if options.objective == "instruction" else 1.0
-        parts = [(self.trainable, 1.0)] if text_rate == 1.0 else [
-            ([p for p in self.trainable if id(p) not in text], 1.0), ([p for p in self.trainable if id(p) in text], text_rate)]
-        groups = []
-        for mine, scale in parts:
-            groups += [
-                {"params": [p for p in mine if p.ndim >= 2], "weight_decay": options.weight_decay, "lr_scale": scale},
-                {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale},
-            ]
-        groups = [g for g in groups if g["params"]]
+        groups = [
+            {"params": [p for p in self.trainable if p.ndim >= 2], "weight_decay": options.weight_decay},
+            {"params": [p for p in self.trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
         self.optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, options.beta2))
         self._text_cache: dict[str, torch.Tensor] = {}
         self._instruction_cache: dict[str, torch.Tensor] = {}
@@ -193,12 +179,6 @@ class _Trainer:
                 mask[row, : s.shape[0]] = 1
             return self.model.instruction_projection(hidden), mask
         tokens = self._tokens(instructions, max_length)
-        if not self.options.tune_instruction_reading:
-            # The text tower learns from answers only; how it reads instructions is left where caption
-            # pretraining put it, so words known from captions alone keep their place beside tuned ones.
-            with torch.no_grad():
-                hidden = self.model.text_model(**tokens).last_hidden_state
-            return self.model.instruction_projection(hidden), tokens["attention_mask"]
         return self.model.instruction_tokens(**tokens), tokens["attention_mask"]
 
     # -- one step ------------------------------------------------------------------------------
@@ -241,7 +221,7 @@ class _Trainer:
             # synonym of "background" that transferred at step 1,000 was lost by step 3,500).
             self._freeze_text_tower()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.options.lr * group["lr_scale"] * _lr_factor(step, self.options)
+            group["lr"] = self.options.lr * _lr_factor(step, self.options)
         loss = self.loss(batch, pixels.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
