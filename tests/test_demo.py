@@ -70,7 +70,8 @@ def test_documented_build_command_is_bitwise_reproducible(tmp_path):
     digests = []
     for run_number in range(2):
         out = tmp_path / f"run{run_number}"
-        args = [sys.executable, str(script), "--out", str(out), "--caption-steps", "2", "--instruction-steps", "2", "--batch-size", "16"]
+        args = [sys.executable, str(script), "--out", str(out), "--caption-steps", "2", "--instruction-steps", "3", "--text-steps", "1",
+                "--batch-size", "16"]
         subprocess.run(args, check=True, capture_output=True, timeout=300)
         digests.append({
             f"{name}/{file}": hashlib.sha256((out / name / file).read_bytes()).hexdigest()

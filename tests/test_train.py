@@ -157,11 +157,16 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     generated = runner.invoke(app, [
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model4"), "--data", "colorshape", "--resolution", "32",
         "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
-        "--image-weight", "0.5", "--recolor", "0.5", "--phrasing-noise", "0.5",
+        "--image-weight", "0.5", "--recolor", "0.5", "--phrasing-noise", "0.5", "--train-text", "--text-steps", "1",
     ])
     assert generated.exit_code == 0, generated.output
     log = json.loads((tmp_path / "model4" / "training_log.json").read_text())
-    assert log["options"]["image_weight"] == 0.5
+    assert log["options"]["image_weight"] == 0.5 and log["options"]["text_steps"] == 1 and log["options"]["train_text"]
+    captions = runner.invoke(app, [
+        "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model5"), "--data", "colorshape", "--resolution", "32",
+        "--objective", "caption", "--name-negatives", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
+    ])
+    assert captions.exit_code == 0, captions.output
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot read training data")
 
@@ -235,3 +240,42 @@ def test_recolored_images_never_show_a_held_out_pair():
     for image in ColorShapeSource("instruction", 32, seed=3).batch(0, 32).images:  # recolor 0: palette colours only
         pixels = np.asarray(image).reshape(-1, 1, 3).astype(float)
         assert np.linalg.norm(pixels - np.array(list(cs.COLORS.values()))[None], axis=2).min() < 12
+
+
+def test_text_steps_freeze_the_text_tower_and_nothing_else(tiny_clip, tmp_path):
+    base = FocalLensCLIPModel.from_pretrained(tiny_clip).state_dict()
+    source = ColorShapeSource("instruction", resolution=32, seed=0)
+    options = TrainOptions(steps=4, text_steps=2, batch_size=8, lr=2e-3, warmup=1, save_every=2, device="cpu", train_text=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tiny_clip), tmp_path / "run", _Interrupting(source, 3), options, progress=False)
+    after_two = FocalLensCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-last").state_dict()
+    train(str(tiny_clip), tmp_path / "run", source, options, progress=False)
+    final = FocalLensCLIPModel.from_pretrained(tmp_path / "run").state_dict()
+    text = [n for n in final if n.startswith(("text_model.", "text_projection."))]
+    assert sum(not torch.equal(after_two[n], base[n]) for n in text) > len(text) // 2  # steps 1-2 trained the text tower
+    assert all(torch.equal(final[n], after_two[n]) for n in text)  # steps 3-4 did not
+    vision = "vision_model.embeddings.patch_embedding.weight"
+    assert not torch.equal(final[vision], after_two[vision]) and not torch.equal(final["instruction_projection.weight"], after_two["instruction_projection.weight"])
+    assert json.loads((tmp_path / "run" / "training_log.json").read_text())["options"]["text_steps"] == 2
+
+
+def test_name_swapped_negatives_differ_from_their_caption_only_in_an_attribute_name():
+    from focalsearch.synth import colorshape as cs
+
+    source = ColorShapeSource("caption", resolution=16, seed=0, name_negatives=True)
+    batch = source.batch(0, 64)
+    names = {w for words in cs.NAME_WORDS.values() for w in words}
+    assert len(batch.negatives) == len(batch.targets)
+    swapped = 0
+    for caption, negative in zip(batch.targets, batch.negatives):
+        if not negative:
+            assert not names & {w.rstrip("s,.?") for w in caption.split()}
+            continue
+        changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+        assert len(changed) == 1, (caption, negative)
+        before, after = (w.rstrip("s,.?") for w in changed[0])
+        owner = {w: a for a, ws in cs.NAME_WORDS.items() for w in ws}
+        assert owner[before] != owner[after]
+        swapped += 1
+    assert swapped > 20
+    assert ColorShapeSource("caption", resolution=16, seed=0).batch(0, 8).negatives is None
