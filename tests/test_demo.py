@@ -78,3 +78,14 @@ def test_documented_build_command_is_bitwise_reproducible(tmp_path):
             for name in ("demo-clip", "demo") for file in ("model.safetensors", "tokenizer.json")
         })
     assert digests[0] == digests[1]
+
+
+def test_phrase_matrix_script_reports_every_phrasing_on_every_condition(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "colorshape_phrases.py"
+    out = tmp_path / "phrases.json"
+    subprocess.run([sys.executable, str(script), "--per-condition", "2", "--tier", "questions", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    table = json.loads(out.read_text())["phrasings"]
+    assert {"which hue?", "how large?", "color", "size"} <= set(table)
+    assert all(set(row["r_at_1"]) == {"color", "shape", "count", "background", "size"} for row in table.values())
+    assert table["color"]["r_at_1"]["color"] == 1.0  # 2 queries: the demo's colour condition never misses
