@@ -426,6 +426,8 @@ def train(
     --batch-size is the global batch; with --nproc N each process takes 1/N of it, and the loss
     sees the negatives of the whole batch. The same runs as: torchrun --nproc-per-node N -m focalsearch.train ...
     """
+    if name_negatives and (data != "colorshape" or objective != "caption"):
+        _fail("--name-negatives applies to generated captions only: --data colorshape --objective caption", 2)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if batch_size % nproc:
             _fail(f"--batch-size {batch_size} (the global batch) must divide among {nproc} processes", 2)

@@ -167,6 +167,8 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
         "--objective", "caption", "--name-negatives", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
     ])
     assert captions.exit_code == 0, captions.output
+    misplaced = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m6"), "--data", "colorshape", "--name-negatives"])
+    assert misplaced.exit_code == 2 and misplaced.stderr.startswith("error: --name-negatives applies to generated captions only")
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot read training data")
 

@@ -149,7 +149,7 @@ class ColorShapeSource:
         self.grayscale = grayscale
         self.recolor = recolor
         self.phrasing_noise = phrasing_noise
-        self.name_negatives = name_negatives
+        self.name_negatives = name_negatives and objective == "caption"
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
@@ -163,7 +163,9 @@ class ColorShapeSource:
         colours it comes in. With ``recolor`` > 0, that share of the images asked about anything but
         colour show their objects in a random colour (``off_palette_fill``). No held-out (colour,
         shape) pair is ever shown. With ``phrasing_noise`` > 0, that share of the instructions lose
-        some filler words and gain others (``cs.noisy_instruction``).
+        some filler words and gain others (``cs.noisy_instruction``). With ``name_negatives``, each
+        caption batch also holds, per image, its caption with one attribute name swapped for another
+        attribute's (``cs.name_swapped``; '' where the caption names none), a negative in the loss.
         """
         rng = random.Random(self.seed * 1_000_003 + step)
         images, instructions, targets, captions, negatives = [], [], [], [], []
