@@ -240,20 +240,20 @@ def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None
 # The words by which captions name each attribute.
 NAME_WORDS = {"color": ("color", "hue"), "shape": ("shape", "form"), "count": ("number",), "background": ("background", "backdrop"),
               "size": ("size", "scale")}
+_NAMED_ATTRIBUTE = {word: attribute for attribute, words in NAME_WORDS.items() for word in words}
 
 
 def name_swapped(text: str, rng: random.Random) -> str:
     """The caption with one attribute name replaced by another attribute's name ('' if it names none):
     a negative that only the name words tell apart from the caption."""
     words = text.split(" ")
-    owner = {w: a for a, names in NAME_WORDS.items() for w in names}
-    spots = [i for i, w in enumerate(words) if w.rstrip("s,.?") in owner]
+    spots = [i for i, w in enumerate(words) if w.rstrip("s,.?") in _NAMED_ATTRIBUTE]
     if not spots:
         return ""
     i = rng.choice(spots)
     stem = words[i].rstrip("s,.?")
     tail = words[i][len(stem):]
-    other = rng.choice([a for a in NAME_WORDS if a != owner[stem]])
+    other = rng.choice([a for a in NAME_WORDS if a != _NAMED_ATTRIBUTE[stem]])
     words[i] = rng.choice(NAME_WORDS[other]) + tail
     return " ".join(words)
 
