@@ -412,6 +412,9 @@ def train(
         "--text-steps", min=0, help="With --train-text: freeze the text tower after this many steps (keeps words known only from captions beside the tuned ones).")] = None,
     name_negatives: Annotated[bool, typer.Option(
         "--name-negatives", help="ColorShape captions: give each caption a negative that differs only in an attribute's name.")] = False,
+    focus: Annotated[Optional[str], typer.Option(
+        "--focus", help="ColorShape instructions: an attribute (color, shape, count, background, size) to ask about more often; see --focus-share.")] = None,
+    focus_share: Annotated[float, typer.Option("--focus-share", min=0.0, max=1.0, help="With --focus: the share of question groups about it.")] = 0.5,
     seed: Annotated[int, typer.Option()] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
     resolution: Annotated[int, typer.Option(min=8, help="ColorShape image size.")] = 64,
@@ -428,6 +431,13 @@ def train(
     """
     if name_negatives and (data != "colorshape" or objective != "caption"):
         _fail("--name-negatives applies to generated captions only: --data colorshape --objective caption", 2)
+    if focus is not None:
+        from focalsearch.synth.colorshape import ATTRIBUTES
+
+        if data != "colorshape" or objective != "instruction":
+            _fail("--focus applies to generated instructions only: --data colorshape --objective instruction", 2)
+        if focus not in ATTRIBUTES:
+            _fail(f"unknown --focus {focus!r}; choose one of {', '.join(ATTRIBUTES)}", 2)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if batch_size % nproc:
             _fail(f"--batch-size {batch_size} (the global batch) must divide among {nproc} processes", 2)
@@ -435,7 +445,8 @@ def train(
             "--base": base, "--out": out, "--data": data, "--image-root": image_root, "--objective": objective, "--steps": steps,
             "--batch-size": batch_size, "--lr": lr, "--warmup": warmup, "--caption-weight": caption_weight,
             "--image-weight": image_weight, "--recolor": recolor, "--phrasing-noise": phrasing_noise, "--seed": seed,
-            "--save-every": save_every, "--text-steps": text_steps, "--resolution": resolution, "--device": device, "--threads": threads,
+            "--save-every": save_every, "--text-steps": text_steps, "--focus": focus, "--focus-share": focus_share if focus else None,
+            "--resolution": resolution, "--device": device, "--threads": threads,
         }
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
         argv += ["--train-text"] if train_text else []
@@ -453,7 +464,8 @@ def train(
     def go():
         if data == "colorshape":
             source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0, recolor=recolor,
-                                      phrasing_noise=phrasing_noise, name_negatives=name_negatives)
+                                      phrasing_noise=phrasing_noise, name_negatives=name_negatives, focus=focus,
+                                      focus_share=focus_share if focus else 0.0)
         else:
             triples = read_llava_json(data)
             if objective == "caption":  # each answer then serves as its image's caption

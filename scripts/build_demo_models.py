@@ -9,8 +9,9 @@
    Half of the questions not about colour show the objects in a random colour (never one named as a
    held-out partner of the shape), so that shape is not learned as a property of the few colours
    each shape comes in; half of the instructions lose and gain filler words, so that the attribute
-   word decides the condition, not the sentence frame; and images with the same answer are pulled
-   together (see ColorShapeSource and same_answer_image_loss).
+   word decides the condition, not the sentence frame; images with the same answer are pulled
+   together (see ColorShapeSource and same_answer_image_loss); and a further share of the groups ask
+   about shape, the attribute that is hardest to see on unseen (colour, shape) pairs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from focalsearch.train.data import ColorShapeSource
 from focalsearch.train.loop import TrainOptions, train
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "focalsearch" / "checkpoints"
+SHAPE_FOCUS = 0.6
 ARCHITECTURE = dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, projection_dim=128, context_length=32)
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--caption-steps", type=int, default=600)
-    parser.add_argument("--instruction-steps", type=int, default=3500)
+    parser.add_argument("--instruction-steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--grayscale", type=float, default=0.0, help="share of colour-free questions shown in gray")
     parser.add_argument("--recolor", type=float, default=0.5, help="share of questions not about colour shown in a random colour")
@@ -45,12 +47,15 @@ def main() -> None:
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
+    parser.add_argument("--shape-focus", type=float, default=SHAPE_FOCUS,
+                        help="extra share of instruction groups asked about shape (the hardest attribute)")
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
     captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1, name_negatives=args.name_negatives)
     instructions = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 2,
-                                     grayscale=args.grayscale, recolor=args.recolor, phrasing_noise=args.phrasing_noise)
+                                     grayscale=args.grayscale, recolor=args.recolor, phrasing_noise=args.phrasing_noise,
+                                     focus="shape", focus_share=args.shape_focus)
     with tempfile.TemporaryDirectory() as scratch:
         init = save_tiny_clip(Path(scratch) / "init", captions.texts(), seed=args.seed, vocab_size=1000, **ARCHITECTURE)
         for name in ("demo-clip", "demo"):

@@ -146,8 +146,17 @@ def test_shape_but_not_color_finds_the_shape_in_other_colours(served):
     top = post(client, "/api/search", body).json()["results"]
     assert all(attributes(r["path"])["shape"] == "triangle" and attributes(r["path"])["color"] != "blue" for r in top)
     assert all(set(r["scores"]) == {"shape", "color"} for r in top)
-    plain = post(client, "/api/search", {"image_id": image_id(QUERY), "instruction": "shape", "k": 5}).json()["results"]
-    assert any(attributes(r["path"])["color"] == "blue" for r in plain)  # without NOT colour, blue ones come first
+    # Over the whole ranking, NOT colour moves the other blue triangles behind every triangle of another colour.
+    def ranked(body):
+        return [attributes(r["path"]) for r in post(client, "/api/search", {**body, "k": 200}).json()["results"]]
+
+    def blue_triangle_ranks(ranking):
+        return [i for i, a in enumerate(ranking) if a["shape"] == "triangle" and a["color"] == "blue"]
+
+    negated, plain = ranked(body), ranked({"image_id": image_id(QUERY), "instruction": "shape"})
+    other_triangles = [i for i, a in enumerate(negated) if a["shape"] == "triangle" and a["color"] != "blue"]
+    assert len(blue_triangle_ranks(negated)) >= 2 and min(blue_triangle_ranks(negated)) > max(other_triangles)
+    assert sum(blue_triangle_ranks(negated)) > sum(blue_triangle_ranks(plain))
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -158,6 +158,7 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model4"), "--data", "colorshape", "--resolution", "32",
         "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
         "--image-weight", "0.5", "--recolor", "0.5", "--phrasing-noise", "0.5", "--train-text", "--text-steps", "1",
+        "--focus", "shape", "--focus-share", "0.6",
     ])
     assert generated.exit_code == 0, generated.output
     log = json.loads((tmp_path / "model4" / "training_log.json").read_text())
@@ -169,6 +170,10 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     assert captions.exit_code == 0, captions.output
     misplaced = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m6"), "--data", "colorshape", "--name-negatives"])
     assert misplaced.exit_code == 2 and misplaced.stderr.startswith("error: --name-negatives applies to generated captions only")
+    for wrong, message in ((["--data", "colorshape", "--focus", "weight"], "error: unknown --focus 'weight'"),
+                           (["--data", str(llava), "--focus", "shape"], "error: --focus applies to generated instructions only")):
+        refused = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m7"), *wrong])
+        assert refused.exit_code == 2 and refused.stderr.startswith(message) and len(refused.stderr.strip().splitlines()) == 1
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot read training data")
 
@@ -281,3 +286,25 @@ def test_name_swapped_negatives_differ_from_their_caption_only_in_an_attribute_n
         swapped += 1
     assert swapped > 20
     assert ColorShapeSource("caption", resolution=16, seed=0).batch(0, 8).negatives is None
+
+
+def test_focus_asks_more_questions_about_one_attribute_and_its_hard_negatives():
+    from focalsearch.synth import colorshape as cs
+
+    def asked_shape(source):
+        targets = [t for step in range(20) for t in source.batch(step, 32).targets]
+        return sum(t in cs.SHAPES for t in targets) / len(targets)
+
+    plain = ColorShapeSource("instruction", 32, seed=5)
+    focused = ColorShapeSource("instruction", 32, seed=5, focus="shape", focus_share=0.6)
+    assert asked_shape(plain) < 0.3 < 0.55 < asked_shape(focused)
+    # Groups asked about the focus keep the varied-attribute structure: some share one shape (the
+    # other attribute varies), some hold four different shapes of otherwise the same scene.
+    batch = focused.batch(0, 64)
+    groups = [batch.targets[i : i + 4] for i in range(0, 64, 4)]
+    shape_groups = [g for g in groups if all(t in cs.SHAPES for t in g)]
+    assert any(len(set(g)) == 1 for g in shape_groups) and any(len(set(g)) == 4 for g in shape_groups)
+    assert ColorShapeSource("caption", 32, seed=5, focus="shape", focus_share=0.6).batch(0, 8).targets == \
+        ColorShapeSource("caption", 32, seed=5).batch(0, 8).targets  # captions are not affected
+    with pytest.raises(ValueError, match="focus"):
+        ColorShapeSource("instruction", 32, focus="weight", focus_share=0.5)

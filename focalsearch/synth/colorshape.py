@@ -258,10 +258,12 @@ def name_swapped(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def variants(rng: random.Random, scenes: list[Attributes], group: int) -> tuple[str, list[Attributes]]:
-    """A scene and copies of it that differ in one random attribute: each other's hard negatives."""
+def variants(
+    rng: random.Random, scenes: list[Attributes], group: int, attribute: str | None = None
+) -> tuple[str, list[Attributes]]:
+    """A scene and copies of it that differ in one attribute (random unless given): each other's hard negatives."""
     base = rng.choice(scenes)
-    attribute = rng.choice(ATTRIBUTES)
+    attribute = attribute or rng.choice(ATTRIBUTES)
     values = list(VALUES[attribute])
     rng.shuffle(values)
     allowed = set(scenes)

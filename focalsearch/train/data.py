@@ -132,6 +132,8 @@ class ColorShapeSource:
         recolor: float = 0.0,
         phrasing_noise: float = 0.0,
         name_negatives: bool = False,
+        focus: str | None = None,
+        focus_share: float = 0.0,
     ):
         if objective not in ("instruction", "caption"):
             raise ValueError(objective)
@@ -141,6 +143,10 @@ class ColorShapeSource:
             raise ValueError(f"recolor must be a probability, got {recolor}")
         if not 0.0 <= phrasing_noise <= 1.0:
             raise ValueError(f"phrasing_noise must be a probability, got {phrasing_noise}")
+        if focus is not None and focus not in cs.ATTRIBUTES:
+            raise ValueError(f"unknown focus attribute {focus!r}")
+        if not 0.0 <= focus_share <= 1.0:
+            raise ValueError(f"focus_share must be a probability, got {focus_share}")
         self.objective = objective
         self.resolution = resolution
         self.seed = seed
@@ -150,6 +156,8 @@ class ColorShapeSource:
         self.recolor = recolor
         self.phrasing_noise = phrasing_noise
         self.name_negatives = name_negatives and objective == "caption"
+        self.focus = focus if objective == "instruction" and focus_share > 0 else None
+        self.focus_share = focus_share
         self.scenes = cs.split_attributes("train")
 
     def batch(self, step: int, size: int) -> TrainingBatch:
@@ -166,12 +174,18 @@ class ColorShapeSource:
         some filler words and gain others (``cs.noisy_instruction``). With ``name_negatives``, each
         caption batch also holds, per image, its caption with one attribute name swapped for another
         attribute's (``cs.name_swapped``; '' where the caption names none), a negative in the loss.
+        With ``focus`` and ``focus_share`` > 0, that share of the instruction groups ask about the
+        focus attribute, and half of those vary it (four values of it on one scene).
         """
         rng = random.Random(self.seed * 1_000_003 + step)
         images, instructions, targets, captions, negatives = [], [], [], [], []
         while len(images) < size:
-            varied, group = cs.variants(rng, self.scenes, self.group)
-            asked = varied if rng.random() < 0.5 else rng.choice([a for a in cs.ATTRIBUTES if a != varied])
+            if self.focus and rng.random() < self.focus_share:
+                varied, group = cs.variants(rng, self.scenes, self.group, self.focus if rng.random() < 0.5 else None)
+                asked = self.focus
+            else:
+                varied, group = cs.variants(rng, self.scenes, self.group)
+                asked = varied if rng.random() < 0.5 else rng.choice([a for a in cs.ATTRIBUTES if a != varied])
             for scene in group[: size - len(images)]:
                 recolored = self.recolor > 0 and self.objective == "instruction" and asked != "color" and rng.random() < self.recolor
                 fill = cs.off_palette_fill(scene, rng) if recolored else None
