@@ -11,7 +11,9 @@
    each shape comes in; half of the instructions lose and gain filler words, so that the attribute
    word decides the condition, not the sentence frame; images with the same answer are pulled
    together (see ColorShapeSource and same_answer_image_loss); and a further share of the groups ask
-   about shape, the attribute that is hardest to see on unseen (colour, shape) pairs.
+   about shape, the attribute that is hardest to see on unseen (colour, shape) pairs;
+4. `demo` polished: a short second schedule at a lower learning rate, text tower frozen, with fewer
+   extra shape questions, which gives back to count and size what the shape focus took from them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
     parser.add_argument("--shape-focus", type=float, default=SHAPE_FOCUS,
                         help="extra share of instruction groups asked about shape (the hardest attribute)")
+    parser.add_argument("--polish-steps", type=int, default=600, help="steps of the second, low learning-rate schedule (0: none)")
+    parser.add_argument("--polish-shape-focus", type=float, default=0.3, help="--shape-focus of the polish schedule")
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
@@ -67,6 +71,15 @@ def main() -> None:
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
                            warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight,
                            text_steps=args.text_steps))
+        if args.polish_steps:
+            polish = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 3, grayscale=args.grayscale,
+                                      recolor=args.recolor, phrasing_noise=args.phrasing_noise, focus="shape",
+                                      focus_share=args.polish_shape_focus)
+            train(str(args.out / "demo"), Path(scratch) / "polished", polish,
+                  TrainOptions(objective="instruction", steps=args.polish_steps, batch_size=args.batch_size, lr=2e-4,
+                               warmup=50, seed=args.seed, device="cpu", train_text=False, image_weight=args.image_weight))
+            shutil.rmtree(args.out / "demo")
+            shutil.copytree(Path(scratch) / "polished", args.out / "demo", ignore=shutil.ignore_patterns("checkpoint-last"))
     print(f"wrote {args.out / 'demo-clip'} and {args.out / 'demo'} in {time.perf_counter() - started:.0f} s")
 
 

@@ -65,14 +65,16 @@ def test_quick_start_gives_different_neighbours_per_instruction(tmp_path):
 
 
 def test_documented_build_command_is_bitwise_reproducible(tmp_path):
-    """The same command twice gives the same bytes: tokenizer, caption training and instruction tuning."""
+    """The same command twice gives the same bytes: tokenizer, caption training, instruction tuning and polish."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "build_demo_models.py"
     digests = []
     for run_number in range(2):
         out = tmp_path / f"run{run_number}"
         args = [sys.executable, str(script), "--out", str(out), "--caption-steps", "2", "--instruction-steps", "3", "--text-steps", "1",
-                "--batch-size", "16"]
+                "--polish-steps", "2", "--batch-size", "16"]
         subprocess.run(args, check=True, capture_output=True, timeout=300)
+        polish = json.loads((out / "demo" / "training_log.json").read_text())["options"]  # demo is the polished model
+        assert polish["steps"] == 2 and polish["lr"] == 2e-4 and not polish["train_text"]
         digests.append({
             f"{name}/{file}": hashlib.sha256((out / name / file).read_bytes()).hexdigest()
             for name in ("demo-clip", "demo") for file in ("model.safetensors", "tokenizer.json")
