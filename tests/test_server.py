@@ -360,9 +360,15 @@ def test_several_server_processes_share_the_port(served):
             assert process.poll() is None, process.stderr.read()
             time.sleep(0.3)
         assert url is not None
-        answers = {tuple(r["path"] for r in httpx.post(url + "/api/search", json={"text": "star", "instruction": "shape", "k": 5},
-                                                       timeout=60).json()["results"]) for _ in range(6)}
-        assert len(answers) == 1  # every process answers the same
+        answers = [{r["path"]: r["score"] for r in httpx.post(url + "/api/search", json={"text": "star", "instruction": "shape", "k": 5},
+                                                              timeout=60).json()["results"]} for _ in range(6)]
+        # Every process answers the same, up to float noise: the demo's five nearest stars lie within
+        # 0.01 of each other, so two of them may swap places between processes, never change scores.
+        first = answers[0]
+        for answer in answers[1:]:
+            assert sorted(answer.values()) == pytest.approx(sorted(first.values()), abs=1e-3)
+            assert all(answer[p] == pytest.approx(first[p], abs=1e-3) for p in answer.keys() & first.keys())
+            assert all(min(first.values()) - 1e-3 <= answer[p] for p in answer.keys() - first.keys())
     finally:
         process.terminate()
         process.wait(timeout=30)
