@@ -31,7 +31,6 @@ from focalsearch.train.data import ColorShapeSource
 from focalsearch.train.loop import TrainOptions, train
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "focalsearch" / "checkpoints"
-SHAPE_FOCUS = 0.6
 ARCHITECTURE = dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, projection_dim=128, context_length=32)
 
 
@@ -49,7 +48,7 @@ def main() -> None:
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
-    parser.add_argument("--shape-focus", type=float, default=SHAPE_FOCUS,
+    parser.add_argument("--shape-focus", type=float, default=0.6,
                         help="extra share of instruction groups asked about shape (the hardest attribute)")
     parser.add_argument("--polish-steps", type=int, default=600, help="steps of the second, low learning-rate schedule (0: none)")
     parser.add_argument("--polish-shape-focus", type=float, default=0.3, help="--shape-focus of the polish schedule")
@@ -57,9 +56,11 @@ def main() -> None:
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
     captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1, name_negatives=args.name_negatives)
-    instructions = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 2,
-                                     grayscale=args.grayscale, recolor=args.recolor, phrasing_noise=args.phrasing_noise,
-                                     focus="shape", focus_share=args.shape_focus)
+
+    def instructions(seed: int, shape_focus: float) -> ColorShapeSource:
+        return ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=seed, grayscale=args.grayscale, recolor=args.recolor,
+                                phrasing_noise=args.phrasing_noise, focus="shape", focus_share=shape_focus)
+
     with tempfile.TemporaryDirectory() as scratch:
         init = save_tiny_clip(Path(scratch) / "init", captions.texts(), seed=args.seed, vocab_size=1000, **ARCHITECTURE)
         for name in ("demo-clip", "demo"):
@@ -67,15 +68,12 @@ def main() -> None:
         train(str(init), args.out / "demo-clip", captions,
               TrainOptions(objective="caption", steps=args.caption_steps, batch_size=args.batch_size, lr=5e-4,
                            warmup=200, seed=args.seed, device="cpu"))
-        train(str(args.out / "demo-clip"), args.out / "demo", instructions,
+        train(str(args.out / "demo-clip"), args.out / "demo", instructions(args.seed + 2, args.shape_focus),
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
                            warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight,
                            text_steps=args.text_steps))
         if args.polish_steps:
-            polish = ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=args.seed + 3, grayscale=args.grayscale,
-                                      recolor=args.recolor, phrasing_noise=args.phrasing_noise, focus="shape",
-                                      focus_share=args.polish_shape_focus)
-            train(str(args.out / "demo"), Path(scratch) / "polished", polish,
+            train(str(args.out / "demo"), Path(scratch) / "polished", instructions(args.seed + 3, args.polish_shape_focus),
                   TrainOptions(objective="instruction", steps=args.polish_steps, batch_size=args.batch_size, lr=2e-4,
                                warmup=50, seed=args.seed, device="cpu", train_text=False, image_weight=args.image_weight))
             shutil.rmtree(args.out / "demo")
