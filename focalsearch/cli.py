@@ -410,6 +410,8 @@ def train(
     train_text: Annotated[bool, typer.Option("--train-text", help="Also train the text tower (frozen by default).")] = False,
     text_steps: Annotated[Optional[int], typer.Option(
         "--text-steps", min=0, help="With --train-text: freeze the text tower after this many steps (keeps words known only from captions beside the tuned ones).")] = None,
+    text_anchor_weight: Annotated[float, typer.Option(
+        "--text-anchor-weight", min=0.0, help="With --train-text on ColorShape instructions: weight of a term that holds the text tower's states for captions where the starting checkpoint put them.")] = 0.0,
     name_negatives: Annotated[bool, typer.Option(
         "--name-negatives", help="ColorShape captions: give each caption a negative that differs only in an attribute's name.")] = False,
     focus: Annotated[Optional[str], typer.Option(
@@ -431,6 +433,8 @@ def train(
     """
     if name_negatives and (data != "colorshape" or objective != "caption"):
         _fail("--name-negatives applies to generated captions only: --data colorshape --objective caption", 2)
+    if text_anchor_weight > 0 and (data != "colorshape" or objective != "instruction" or not train_text):
+        _fail("--text-anchor-weight applies to a trained text tower on generated instructions: --data colorshape --objective instruction --train-text", 2)
     if focus is not None:
         from focalsearch.synth.colorshape import ATTRIBUTES
 
@@ -445,7 +449,7 @@ def train(
             "--base": base, "--out": out, "--data": data, "--image-root": image_root, "--objective": objective, "--steps": steps,
             "--batch-size": batch_size, "--lr": lr, "--warmup": warmup, "--caption-weight": caption_weight,
             "--image-weight": image_weight, "--recolor": recolor, "--phrasing-noise": phrasing_noise, "--seed": seed,
-            "--save-every": save_every, "--text-steps": text_steps, "--focus": focus, "--focus-share": focus_share if focus else None,
+            "--save-every": save_every, "--text-steps": text_steps, "--text-anchor-weight": text_anchor_weight or None, "--focus": focus, "--focus-share": focus_share if focus else None,
             "--resolution": resolution, "--device": device, "--threads": threads,
         }
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
@@ -463,7 +467,8 @@ def train(
 
     def go():
         if data == "colorshape":
-            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0, recolor=recolor,
+            source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0 or text_anchor_weight > 0,
+                                      recolor=recolor,
                                       phrasing_noise=phrasing_noise, name_negatives=name_negatives, focus=focus,
                                       focus_share=focus_share if focus else 0.0)
         else:
@@ -474,7 +479,7 @@ def train(
         options = TrainOptions(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
             caption_weight=caption_weight, image_weight=image_weight, train_text=train_text,
-            text_steps=text_steps, seed=seed, save_every=save_every, device=device,
+            text_steps=text_steps, text_anchor_weight=text_anchor_weight, seed=seed, save_every=save_every, device=device,
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 

@@ -17,7 +17,7 @@ from focalsearch.errors import UserError
 from focalsearch.models import create_encoder
 from focalsearch.models.focallens_clip import FocalLensCLIPModel
 from focalsearch.train.data import ColorShapeSource, LlavaSource, read_llava_json
-from focalsearch.train.loop import TrainOptions, multi_positive_clip_loss, train
+from focalsearch.train.loop import TrainOptions, multi_positive_clip_loss, text_anchor_loss, train
 
 LONG_ANSWER = " ".join(["the picture shows a very detailed scene"] * 30)
 
@@ -158,11 +158,12 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model4"), "--data", "colorshape", "--resolution", "32",
         "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
         "--image-weight", "0.5", "--recolor", "0.5", "--phrasing-noise", "0.5", "--train-text", "--text-steps", "1",
-        "--focus", "shape", "--focus-share", "0.6",
+        "--focus", "shape", "--focus-share", "0.6", "--text-anchor-weight", "2",
     ])
     assert generated.exit_code == 0, generated.output
     log = json.loads((tmp_path / "model4" / "training_log.json").read_text())
     assert log["options"]["image_weight"] == 0.5 and log["options"]["text_steps"] == 1 and log["options"]["train_text"]
+    assert log["options"]["text_anchor_weight"] == 2.0
     captions = runner.invoke(app, [
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model5"), "--data", "colorshape", "--resolution", "32",
         "--objective", "caption", "--name-negatives", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
@@ -171,7 +172,8 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     misplaced = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m6"), "--data", "colorshape", "--name-negatives"])
     assert misplaced.exit_code == 2 and misplaced.stderr.startswith("error: --name-negatives applies to generated captions only")
     for wrong, message in ((["--data", "colorshape", "--focus", "weight"], "error: unknown --focus 'weight'"),
-                           (["--data", str(llava), "--focus", "shape"], "error: --focus applies to generated instructions only")):
+                           (["--data", str(llava), "--focus", "shape"], "error: --focus applies to generated instructions only"),
+                           (["--data", "colorshape", "--text-anchor-weight", "1"], "error: --text-anchor-weight applies to a trained text tower")):
         refused = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m7"), *wrong])
         assert refused.exit_code == 2 and refused.stderr.startswith(message) and len(refused.stderr.strip().splitlines()) == 1
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
@@ -308,3 +310,36 @@ def test_focus_asks_more_questions_about_one_attribute_and_its_hard_negatives():
         ColorShapeSource("caption", 32, seed=5).batch(0, 8).targets  # captions are not affected
     with pytest.raises(ValueError, match="focus"):
         ColorShapeSource("instruction", 32, focus="weight", focus_share=0.5)
+
+
+def test_text_anchor_loss_measures_how_far_the_states_moved():
+    torch.manual_seed(0)
+    start = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert text_anchor_loss(start, start.clone(), mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert text_anchor_loss(-start, start, mask).item() == pytest.approx(2.0)  # opposite states: cosine -1
+    moved_padding = start.clone()
+    moved_padding[0, 3:] = torch.randn(2, 16)
+    assert text_anchor_loss(moved_padding, start, mask).item() == pytest.approx(0.0, abs=1e-6)  # padding does not count
+
+
+def test_the_text_anchor_holds_caption_states_near_the_starting_tower(tiny_clip, tmp_path, one_thread):
+    from focalsearch.models.loading import load_clip_family
+    from focalsearch.models import resolve_model
+
+    captions = ["3 small red stars on a blue background", "a teal backdrop with 2 green circles", "items of large scale"]
+
+    def caption_states(folder):
+        model, tokenizer, _ = load_clip_family(resolve_model(str(folder)))
+        with torch.no_grad():
+            return model.eval().text_model(**tokenizer(captions, padding=True, return_tensors="pt")).last_hidden_state
+
+    start = caption_states(tiny_clip)
+    source = ColorShapeSource("instruction", resolution=32, seed=0, with_captions=True)
+    drift = {}
+    for weight in (0.0, 20.0):
+        options = TrainOptions(steps=6, batch_size=8, lr=3e-3, warmup=1, device="cpu", train_text=True, text_anchor_weight=weight)
+        train(str(tiny_clip), tmp_path / f"w{weight}", source, options, progress=False)
+        drift[weight] = (1 - torch.cosine_similarity(caption_states(tmp_path / f"w{weight}"), start, dim=-1)).mean().item()
+    assert drift[0.0] > 0.01  # tuning moves the caption states ...
+    assert drift[20.0] < drift[0.0] / 2  # ... and the anchor holds most of them in place

@@ -4,7 +4,8 @@
   answers; identical answers in a batch are one class; learnable temperature (CLIP's logit scale);
   an optional caption term (empty instruction ↔ caption); an optional image-image term (images with
   the same answer pull together, others push apart: what conditional retrieval asks of the
-  embeddings directly); text tower frozen unless asked.
+  embeddings directly); text tower frozen unless asked; while it trains, an optional anchor term
+  holds its token states for the batch's captions at those of the starting text tower.
 - ``caption``: plain CLIP training on (image, caption), both towers trained.
 
 Progress is saved every ``save_every`` steps into ``OUT/checkpoint-last`` (safetensors for weights
@@ -55,6 +56,7 @@ class TrainOptions:
     warmup: int = 100
     caption_weight: float = 0.0
     image_weight: float = 0.0
+    text_anchor_weight: float = 0.0  # with train_text: weight of text_anchor_loss on the batch's captions
     train_text: bool = False
     text_steps: int | None = None  # with train_text: freeze the text tower after this many steps
     seed: int = 0
@@ -107,6 +109,17 @@ def same_answer_image_loss(image: torch.Tensor, labels: torch.Tensor, scale: tor
     return per_anchor[has_positive].mean()
 
 
+def text_anchor_loss(states: torch.Tensor, anchor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between the token states of the tuned and the starting text tower.
+
+    Instruction tuning moves the words that instructions use and never their synonyms, which only
+    captions use; holding the caption states in place keeps both on the caption-trained side of
+    the tower, so a synonym still reads like the word it stands for.
+    """
+    distance = 1 - F.cosine_similarity(states.float(), anchor.float(), dim=-1)
+    return (distance * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _dedupe(texts: list[str]) -> tuple[list[str], torch.Tensor]:
     unique = list(dict.fromkeys(texts))
     index = {t: i for i, t in enumerate(unique)}
@@ -121,14 +134,17 @@ def _lr_factor(step: int, options: TrainOptions) -> float:
 
 
 class _Trainer:
-    def __init__(self, model, tokenizer, processor, options: TrainOptions, ranks: Ranks = Ranks()):
+    def __init__(self, model, tokenizer, processor, options: TrainOptions, ranks: Ranks = Ranks(), anchor_text_model=None):
         self.model, self.tokenizer, self.processor, self.options = model, tokenizer, processor, options
+        self.anchor_text_model = anchor_text_model
         self.ranks = ranks
         self.device = pick_device(options.device)
         if ranks.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", ranks.local_rank)
         self.autocast_dtype = inference_dtype(self.device)
         self.model.to(self.device).train()
+        if anchor_text_model is not None:
+            anchor_text_model.to(self.device).eval().requires_grad_(False)
         distributed.broadcast_parameters(self.model, ranks)
         self.freeze_text = False
         if options.objective == "instruction" and not options.train_text:
@@ -207,6 +223,12 @@ class _Trainer:
                 unique, labels = _dedupe(distributed.gather_strings(batch.captions, ranks))
                 caption_loss = multi_positive_clip_loss(plain, self._embed_texts(unique), labels.to(self.device), scale)
                 loss = loss + self.options.caption_weight * caption_loss
+            if self.anchor_text_model is not None and not self.freeze_text and batch.captions:
+                tokens = self._tokens(batch.captions)
+                states = model.text_model(**tokens).last_hidden_state
+                with torch.no_grad():
+                    anchor = self.anchor_text_model(**tokens).last_hidden_state
+                loss = loss + self.options.text_anchor_weight * text_anchor_loss(states, anchor, tokens["attention_mask"])
         return loss
 
     def _freeze_text_tower(self) -> None:
@@ -328,7 +350,10 @@ def _train(base: str, out: Path, source: TrainingSource, options: TrainOptions, 
         raise UserError(f"--batch-size {options.batch_size} (the global batch) must divide among {ranks.world} processes")
     torch.manual_seed(options.seed)
     model, tokenizer, processor, state = _load_start(base, out, options)
-    trainer = _Trainer(model, tokenizer, processor, options, ranks)
+    anchor = None
+    if options.objective == "instruction" and options.train_text and options.text_anchor_weight > 0:
+        anchor = load_clip_family(resolve_model(base))[0].text_model  # the starting tower, also when resuming
+    trainer = _Trainer(model, tokenizer, processor, options, ranks, anchor)
     start = 0
     losses: list[float] = []
     if state is not None:
