@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
+    parser.add_argument("--text-anchor-weight", type=float, default=0.0,
+                        help="weight of the term that holds the tuned text tower's caption states at demo-clip's "
+                             "(an ablation: 5 gave 'form' and lost 'scale', see README)")
     parser.add_argument("--shape-focus", type=float, default=0.6,
                         help="extra share of instruction groups asked about shape (the hardest attribute)")
     parser.add_argument("--polish-steps", type=int, default=600, help="steps of the second, low learning-rate schedule (0: none)")
@@ -59,7 +62,8 @@ def main() -> None:
 
     def instructions(seed: int, shape_focus: float) -> ColorShapeSource:
         return ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=seed, grayscale=args.grayscale, recolor=args.recolor,
-                                phrasing_noise=args.phrasing_noise, focus="shape", focus_share=shape_focus)
+                                phrasing_noise=args.phrasing_noise, focus="shape", focus_share=shape_focus,
+                                with_captions=args.text_anchor_weight > 0)
 
     with tempfile.TemporaryDirectory() as scratch:
         init = save_tiny_clip(Path(scratch) / "init", captions.texts(), seed=args.seed, vocab_size=1000, **ARCHITECTURE)
@@ -71,7 +75,7 @@ def main() -> None:
         train(str(args.out / "demo-clip"), args.out / "demo", instructions(args.seed + 2, args.shape_focus),
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
                            warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight,
-                           text_steps=args.text_steps))
+                           text_steps=args.text_steps, text_anchor_weight=args.text_anchor_weight))
         if args.polish_steps:
             train(str(args.out / "demo"), Path(scratch) / "polished", instructions(args.seed + 3, args.polish_shape_focus),
                   TrainOptions(objective="instruction", steps=args.polish_steps, batch_size=args.batch_size, lr=2e-4,
