@@ -343,3 +343,6 @@ def test_the_text_anchor_holds_caption_states_near_the_starting_tower(tiny_clip,
         drift[weight] = (1 - torch.cosine_similarity(caption_states(tmp_path / f"w{weight}"), start, dim=-1)).mean().item()
     assert drift[0.0] > 0.01  # tuning moves the caption states ...
     assert drift[20.0] < drift[0.0] / 2  # ... and the anchor holds most of them in place
+    without_captions = TrainOptions(steps=1, batch_size=8, warmup=1, device="cpu", train_text=True, text_anchor_weight=1.0)
+    with pytest.raises(UserError, match="needs captions"):
+        train(str(tiny_clip), tmp_path / "no-captions", ColorShapeSource("instruction", resolution=32, seed=0), without_captions, progress=False)

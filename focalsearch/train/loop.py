@@ -113,8 +113,9 @@ def text_anchor_loss(states: torch.Tensor, anchor: torch.Tensor, mask: torch.Ten
     """Mean cosine distance between the token states of the tuned and the starting text tower.
 
     Instruction tuning moves the words that instructions use and never their synonyms, which only
-    captions use; holding the caption states in place keeps both on the caption-trained side of
-    the tower, so a synonym still reads like the word it stands for.
+    captions use; holding the caption states in place keeps both where caption training put them,
+    so a synonym reads like its word wherever captions had tied the two (README, "What made
+    synonyms transfer", item 4).
     """
     distance = 1 - F.cosine_similarity(states.float(), anchor.float(), dim=-1)
     return (distance * mask).sum() / mask.sum().clamp(min=1)
@@ -223,7 +224,9 @@ class _Trainer:
                 unique, labels = _dedupe(distributed.gather_strings(batch.captions, ranks))
                 caption_loss = multi_positive_clip_loss(plain, self._embed_texts(unique), labels.to(self.device), scale)
                 loss = loss + self.options.caption_weight * caption_loss
-            if self.anchor_text_model is not None and not self.freeze_text and batch.captions:
+            if self.anchor_text_model is not None and not self.freeze_text:
+                if not batch.captions:
+                    raise UserError("text_anchor_weight needs captions in the training batches (ColorShapeSource(with_captions=True))")
                 tokens = self._tokens(batch.captions)
                 states = model.text_model(**tokens).last_hidden_state
                 with torch.no_grad():
