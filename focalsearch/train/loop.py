@@ -224,7 +224,7 @@ class _Trainer:
                 unique, labels = _dedupe(distributed.gather_strings(batch.captions, ranks))
                 caption_loss = multi_positive_clip_loss(plain, self._embed_texts(unique), labels.to(self.device), scale)
                 loss = loss + self.options.caption_weight * caption_loss
-            if self.anchor_text_model is not None and not self.freeze_text:
+            if self.anchor_text_model is not None:
                 if not batch.captions:
                     raise UserError("text_anchor_weight needs captions in the training batches (ColorShapeSource(with_captions=True))")
                 tokens = self._tokens(batch.captions)
@@ -236,6 +236,7 @@ class _Trainer:
 
     def _freeze_text_tower(self) -> None:
         self.freeze_text = True
+        self.anchor_text_model = None  # only a training text tower is anchored; free the copy
         for part in (self.model.text_model, self.model.text_projection):
             part.requires_grad_(False)
             part.eval()
