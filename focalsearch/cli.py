@@ -412,6 +412,8 @@ def train(
         "--text-steps", min=0, help="With --train-text: freeze the text tower after this many steps (keeps words known only from captions beside the tuned ones).")] = None,
     text_anchor_weight: Annotated[float, typer.Option(
         "--text-anchor-weight", min=0.0, help="With --train-text on ColorShape instructions: weight of a term that holds the text tower's states for captions where the starting checkpoint put them.")] = 0.0,
+    next_token_weight: Annotated[float, typer.Option(
+        "--next-token-weight", min=0.0, help="With --objective caption: weight of a next-token term on the captions, which ties words used in the same contexts (synonyms).")] = 0.0,
     name_negatives: Annotated[bool, typer.Option(
         "--name-negatives", help="ColorShape captions: give each caption a negative that differs only in an attribute's name.")] = False,
     focus: Annotated[Optional[str], typer.Option(
@@ -435,6 +437,8 @@ def train(
         _fail("--name-negatives applies to generated captions only: --data colorshape --objective caption", 2)
     if text_anchor_weight > 0 and (data != "colorshape" or objective != "instruction" or not train_text):
         _fail("--text-anchor-weight applies to a trained text tower on generated instructions: --data colorshape --objective instruction --train-text", 2)
+    if next_token_weight > 0 and objective != "caption":
+        _fail("--next-token-weight applies to caption training: --objective caption", 2)
     if focus is not None:
         from focalsearch.synth.colorshape import ATTRIBUTES
 
@@ -449,7 +453,8 @@ def train(
             "--base": base, "--out": out, "--data": data, "--image-root": image_root, "--objective": objective, "--steps": steps,
             "--batch-size": batch_size, "--lr": lr, "--warmup": warmup, "--caption-weight": caption_weight,
             "--image-weight": image_weight, "--recolor": recolor, "--phrasing-noise": phrasing_noise, "--seed": seed,
-            "--save-every": save_every, "--text-steps": text_steps, "--text-anchor-weight": text_anchor_weight or None, "--focus": focus, "--focus-share": focus_share if focus else None,
+            "--save-every": save_every, "--text-steps": text_steps, "--text-anchor-weight": text_anchor_weight or None,
+            "--next-token-weight": next_token_weight or None, "--focus": focus, "--focus-share": focus_share if focus else None,
             "--resolution": resolution, "--device": device, "--threads": threads,
         }
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
@@ -479,7 +484,8 @@ def train(
         options = TrainOptions(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
             caption_weight=caption_weight, image_weight=image_weight, train_text=train_text,
-            text_steps=text_steps, text_anchor_weight=text_anchor_weight, seed=seed, save_every=save_every, device=device,
+            text_steps=text_steps, text_anchor_weight=text_anchor_weight, next_token_weight=next_token_weight, seed=seed,
+            save_every=save_every, device=device,
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 

@@ -17,7 +17,7 @@ from focalsearch.errors import UserError
 from focalsearch.models import create_encoder
 from focalsearch.models.focallens_clip import FocalLensCLIPModel
 from focalsearch.train.data import ColorShapeSource, LlavaSource, read_llava_json
-from focalsearch.train.loop import TrainOptions, multi_positive_clip_loss, text_anchor_loss, train
+from focalsearch.train.loop import TrainOptions, multi_positive_clip_loss, next_token_loss, text_anchor_loss, train
 
 LONG_ANSWER = " ".join(["the picture shows a very detailed scene"] * 30)
 
@@ -167,13 +167,16 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     captions = runner.invoke(app, [
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model5"), "--data", "colorshape", "--resolution", "32",
         "--objective", "caption", "--name-negatives", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
+        "--next-token-weight", "1",
     ])
     assert captions.exit_code == 0, captions.output
+    assert json.loads((tmp_path / "model5" / "training_log.json").read_text())["options"]["next_token_weight"] == 1.0
     misplaced = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m6"), "--data", "colorshape", "--name-negatives"])
     assert misplaced.exit_code == 2 and misplaced.stderr.startswith("error: --name-negatives applies to generated captions only")
     for wrong, message in ((["--data", "colorshape", "--focus", "weight"], "error: unknown --focus 'weight'"),
                            (["--data", str(llava), "--focus", "shape"], "error: --focus applies to generated instructions only"),
-                           (["--data", "colorshape", "--text-anchor-weight", "1"], "error: --text-anchor-weight applies to a trained text tower")):
+                           (["--data", "colorshape", "--text-anchor-weight", "1"], "error: --text-anchor-weight applies to a trained text tower"),
+                           (["--data", "colorshape", "--next-token-weight", "1"], "error: --next-token-weight applies to caption training")):
         refused = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m7"), *wrong])
         assert refused.exit_code == 2 and refused.stderr.startswith(message) and len(refused.stderr.strip().splitlines()) == 1
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
@@ -346,3 +349,36 @@ def test_the_text_anchor_holds_caption_states_near_the_starting_tower(tiny_clip,
     without_captions = TrainOptions(steps=1, batch_size=8, warmup=1, device="cpu", train_text=True, text_anchor_weight=1.0)
     with pytest.raises(UserError, match="needs captions"):
         train(str(tiny_clip), tmp_path / "no-captions", ColorShapeSource("instruction", resolution=32, seed=0), without_captions, progress=False)
+
+
+def test_next_token_loss_reads_each_next_token_through_the_embeddings():
+    embedding = torch.eye(6) * 10  # token i's state is its own row: a state predicts the token it equals
+    ids = torch.tensor([[0, 3, 4, 1, 1], [0, 2, 5, 3, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    right = embedding[ids.roll(-1, dims=1)]  # each state equal to the next token's row
+    assert next_token_loss(right, ids, mask, embedding).item() < 1e-3
+    wrong = embedding[ids]  # each state predicts its own token, never the next
+    assert next_token_loss(wrong, ids, mask, embedding).item() > 9
+    padded = right.clone()
+    padded[0, 3:] = embedding[5]  # padding targets do not count
+    assert next_token_loss(padded, ids, mask, embedding).item() < 1e-3
+
+
+def test_next_token_term_ties_words_that_share_their_caption_contexts(tiny_clip, tmp_path, one_thread):
+    from focalsearch.models.loading import load_clip_family
+    from focalsearch.models import resolve_model
+
+    def cosine(folder, a, b):
+        model, tokenizer, _ = load_clip_family(resolve_model(str(folder)))
+        rows = model.text_model.embeddings.token_embedding.weight.detach()
+        ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in (a, b)]
+        return torch.cosine_similarity(rows[ids[0]].mean(0), rows[ids[1]].mean(0), dim=0).item()
+
+    source = ColorShapeSource("caption", resolution=32, seed=0)
+    ties = {}
+    for weight in (0.0, 1.0):
+        options = TrainOptions(objective="caption", steps=30, batch_size=16, lr=3e-3, warmup=1, device="cpu", next_token_weight=weight)
+        train(str(tiny_clip), tmp_path / f"w{weight}", source, options, progress=False)
+        ties[weight] = cosine(tmp_path / f"w{weight}", "backdrop", "background")
+    # "on a teal backdrop" / "on a teal background": only the next-token term sees the shared context
+    assert ties[1.0] > ties[0.0] + 0.1, ties

@@ -6,7 +6,9 @@
   the same answer pull together, others push apart: what conditional retrieval asks of the
   embeddings directly); text tower frozen unless asked; while it trains, an optional anchor term
   holds its token states for the batch's captions at those of the starting text tower.
-- ``caption``: plain CLIP training on (image, caption), both towers trained.
+- ``caption``: plain CLIP training on (image, caption), both towers trained; an optional
+  next-token term on the captions gives words that occur in the same caption contexts ("of large
+  scale", "of large size") similar token embeddings, which contrast alone never asks for.
 
 Progress is saved every ``save_every`` steps into ``OUT/checkpoint-last`` (safetensors for weights
 and optimizer state, JSON for the rest); a rerun with the same OUT resumes from there.
@@ -57,6 +59,7 @@ class TrainOptions:
     caption_weight: float = 0.0
     image_weight: float = 0.0
     text_anchor_weight: float = 0.0  # with train_text: weight of text_anchor_loss on the batch's captions
+    next_token_weight: float = 0.0  # caption objective: weight of next_token_loss on the captions
     train_text: bool = False
     text_steps: int | None = None  # with train_text: freeze the text tower after this many steps
     seed: int = 0
@@ -119,6 +122,20 @@ def text_anchor_loss(states: torch.Tensor, anchor: torch.Tensor, mask: torch.Ten
     """
     distance = 1 - F.cosine_similarity(states.float(), anchor.float(), dim=-1)
     return (distance * mask).sum() / mask.sum().clamp(min=1)
+
+
+def next_token_loss(states: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each caption's next token, read from the causal text tower's states through
+    the (tied) token embedding matrix.
+
+    The contrastive loss only needs a caption's value words, so it leaves the attribute names, and
+    above all the synonyms that only captions use, wherever they started. Predicting the next token
+    ties the embeddings of words seen in the same contexts, as language-model pretraining does for
+    a real CLIP's text tower.
+    """
+    logits = states[:, :-1].float() @ embedding.float().T
+    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def _dedupe(texts: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -215,7 +232,16 @@ class _Trainer:
             if batch.negatives:
                 wrong = sorted({t for t in distributed.gather_strings(batch.negatives, ranks) if t} - set(unique))
                 negatives = self._embed_texts(wrong) if wrong else None
-            loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale, negatives)
+            if self.options.objective == "caption" and self.options.next_token_weight > 0:
+                tokens = self._tokens(unique)
+                output = model.text_model(**tokens)
+                texts = F.normalize(model.text_projection(output.pooler_output).float(), dim=-1)
+                embedding = model.text_model.embeddings.token_embedding.weight
+                loss = self.options.next_token_weight * next_token_loss(
+                    output.last_hidden_state, tokens["input_ids"], tokens["attention_mask"], embedding)
+                loss = loss + multi_positive_clip_loss(image, texts, labels, scale, negatives)
+            else:
+                loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale, negatives)
             if self.options.objective == "instruction" and self.options.image_weight > 0:
                 loss = loss + self.options.image_weight * same_answer_image_loss(image, labels, scale)
             if self.options.objective == "instruction" and self.options.caption_weight > 0 and batch.captions:
