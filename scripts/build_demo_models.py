@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--phrasing-noise", type=float, default=0.5, help="share of instructions with filler words dropped/inserted")
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
+    parser.add_argument("--next-token-weight", type=float, default=0.0,
+                        help="weight of the caption phase's next-token term (ties words used in the same caption contexts)")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
     parser.add_argument("--text-anchor-weight", type=float, default=0.0,
                         help="weight of the term that holds the tuned text tower's caption states at demo-clip's "
@@ -71,7 +73,7 @@ def main() -> None:
             shutil.rmtree(args.out / name, ignore_errors=True)
         train(str(init), args.out / "demo-clip", captions,
               TrainOptions(objective="caption", steps=args.caption_steps, batch_size=args.batch_size, lr=5e-4,
-                           warmup=200, seed=args.seed, device="cpu"))
+                           warmup=200, seed=args.seed, device="cpu", next_token_weight=args.next_token_weight))
         train(str(args.out / "demo-clip"), args.out / "demo", instructions(args.seed + 2, args.shape_focus),
               TrainOptions(objective="instruction", steps=args.instruction_steps, batch_size=args.batch_size, lr=6e-4,
                            warmup=200, seed=args.seed, device="cpu", train_text=True, image_weight=args.image_weight,
