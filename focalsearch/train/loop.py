@@ -233,15 +233,16 @@ class _Trainer:
                 wrong = sorted({t for t in distributed.gather_strings(batch.negatives, ranks) if t} - set(unique))
                 negatives = self._embed_texts(wrong) if wrong else None
             if self.options.objective == "caption" and self.options.next_token_weight > 0:
+                # one text pass for both terms: get_text_features keeps the token states beside the projection
                 tokens = self._tokens(unique)
-                output = model.text_model(**tokens)
-                texts = F.normalize(model.text_projection(output.pooler_output).float(), dim=-1)
+                output = model.get_text_features(**tokens)
+                texts = F.normalize(output.pooler_output.float(), dim=-1)
                 embedding = model.text_model.embeddings.token_embedding.weight
                 loss = self.options.next_token_weight * next_token_loss(
                     output.last_hidden_state, tokens["input_ids"], tokens["attention_mask"], embedding)
-                loss = loss + multi_positive_clip_loss(image, texts, labels, scale, negatives)
             else:
-                loss = multi_positive_clip_loss(image, self._embed_texts(unique), labels, scale, negatives)
+                texts, loss = self._embed_texts(unique), 0.0
+            loss = loss + multi_positive_clip_loss(image, texts, labels, scale, negatives)
             if self.options.objective == "instruction" and self.options.image_weight > 0:
                 loss = loss + self.options.image_weight * same_answer_image_loss(image, labels, scale)
             if self.options.objective == "instruction" and self.options.caption_weight > 0 and batch.captions:
