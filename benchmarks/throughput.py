@@ -1,6 +1,6 @@
 """Indexing throughput against the physical ceilings, measured side by side in one run.
 
-    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16] [--repeats 3] [--precision auto] [--json OUT]
+    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16] [--device auto|cpu|cuda] [--repeats 3] [--precision auto] [--json OUT]
                                     [--contention | --contention-only] [--contention-busy N] [--contention-folder DIR]
                                     [--contention-policies default,spin,1-thread]
 
@@ -10,14 +10,16 @@ On a generated folder of photo-like JPEGs of 1-4 megapixels, for each model:
     - encoder forward passes only, on pre-decoded tensors;
     - the encoder in float32 beside the arithmetic `--precision auto` picks (bf16 where supported);
 (b) `focalsearch index` end to end (FocalSearch.index, what the command runs; the model is loaded
-    before the clock starts) with 1 instruction and with 4, counting how often each image is decoded;
+    before the clock starts, and the post-compaction grace sleep is off: FOCALSEARCH_VERSION_GRACE_SECONDS=0)
+    with 1 instruction and with 4, counting how often each image is decoded;
 (c) the cost of a conditional encoding over a plain CLIP encoding, against the ratio of their
     token counts (image tokens + instruction tokens over image tokens).
 Every ceiling and every index run is the best of `--repeats` (3), so both sides of each ratio are
 measured alike (the full-decode figure, shown for comparison only, is one pass).
 
 `vit-b16` is a FocalLens-CLIP of CLIP ViT-B/16's shape (224 px, 16 px patches, 12x768 vision and
-12x512 text layers) with random weights: the weights do not change the arithmetic.
+12x512 text layers) with random weights: the weights do not change the arithmetic. `vit-l14-336` is the
+same for ViT-L/14 at 336 px (24x1024 vision, 12x768 text layers; ~1.7 GB of float32 weights): for GPUs.
 
 With --contention (--contention-only skips all of the above, which is slow):
 (d) indexing under CPU contention: `focalsearch index FOLDER -i "background" -i "what color is the
@@ -57,6 +59,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+
+# The indexer sleeps VERSION_GRACE_SECONDS (2 s) after compacting, so that readers of the old version finish;
+# that wait is not indexing work, and on a GPU it would dwarf a run of a few hundred images. Read at import.
+os.environ.setdefault("FOCALSEARCH_VERSION_GRACE_SECONDS", "0")
 
 import numpy as np
 from PIL import Image
@@ -105,8 +111,16 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def vit_b16_checkpoint(out: Path) -> Path:
-    """A randomly initialised FocalLens-CLIP with CLIP ViT-B/16's shape."""
+# Random-weight FocalLens-CLIPs of real CLIP shapes: the weights do not change the arithmetic.
+VIT_SHAPES = {
+    # name: (image size, patch, vision width, vision layers, vision heads, text width, text layers, text heads, projection)
+    "vit-b16": (224, 16, 768, 12, 12, 512, 12, 8, 512),
+    "vit-l14-336": (336, 14, 1024, 24, 16, 768, 12, 12, 768),
+}
+
+
+def vit_checkpoint(name: str, out: Path) -> Path:
+    """A randomly initialised FocalLens-CLIP with the shape of the CLIP named in VIT_SHAPES."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -114,18 +128,20 @@ def vit_b16_checkpoint(out: Path) -> Path:
     from focalsearch.models.saving import write_checkpoint
     from focalsearch.models.tiny import build_clip_tokenizer
 
+    size, patch, width, layers, heads, text_width, text_layers, text_heads, projection = VIT_SHAPES[name]
     words = " ".join(INSTRUCTIONS) + " a photo of red green blue dog cat car tree sky one two three four"
     tokenizer = build_clip_tokenizer([words] * 10, vocab_size=600)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=8, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16),
-        projection_dim=512,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
+                         num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=77,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=size, patch_size=patch),
+        projection_dim=projection,
     )
     torch.manual_seed(0)
     model = focallens_from_clip(CLIPModel(config))
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     write_checkpoint(out, model, tokenizer, processor)
     return out
 
@@ -296,8 +312,8 @@ def measure_all(args) -> dict:
         for name in args.models.split(","):
             location = name
             model_paths, model_folder = paths, folder
-            if name == "vit-b16":
-                location = str(vit_b16_checkpoint(scratch / "vit-b16"))
+            if name in VIT_SHAPES:
+                location = str(vit_checkpoint(name, scratch / name))
                 model_folder = scratch / "photos-vit"
                 model_folder.mkdir()
                 model_paths = [shutil.copy(p, model_folder / p.name) and model_folder / p.name for p in paths[: args.vit_images]]
@@ -409,8 +425,8 @@ def measure_contention(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=240, help="JPEGs in the generated folder")
-    parser.add_argument("--models", default="demo,vit-b16", help="comma-separated: demo, vit-b16, or checkpoint folders/hub ids")
-    parser.add_argument("--vit-images", type=int, default=96, help="JPEGs for vit-b16 (its encoder is ~100x slower)")
+    parser.add_argument("--models", default="demo,vit-b16", help="comma-separated: demo, vit-b16, vit-l14-336, or checkpoint folders/hub ids")
+    parser.add_argument("--vit-images", type=int, default=96, help="JPEGs for the vit-* shapes (their encoders are ~100x slower)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: the indexer's)")
     parser.add_argument("--conditions", type=int, default=4, choices=range(2, 5))

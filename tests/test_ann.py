@@ -462,3 +462,23 @@ def test_blocks_that_change_between_passes_fail_and_leave_no_file(data, tmp_path
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="announced"):
         ann.build_ivf_on_disk(_blocks(data), len(data) + 1, data[:3000], ann.data_path_for(tmp_path / "c.faiss"))
+
+
+def test_gpu_search_benchmark_without_a_gpu_says_what_is_missing(tmp_path):
+    # The standing GPU check's search step (scripts/gpu_checks.sh) must still run, and say why rows are absent, on CPU.
+    out = tmp_path / "search.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_search.py", "--n", "3000", "--queries", "20", "--repeats", "1",
+                           "--json", str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {row["index"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["faiss cpu flat"]["recall@10"] == 1.0 and rows["faiss cpu flat"]["p50_ms"] > 0
+    import faiss
+    import torch
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        assert "no GPU support" in rows["faiss gpu flat"]["missing"]
+    if not torch.cuda.is_available():
+        assert rows["torch cuda"]["missing"] == "no CUDA device"
+    else:
+        assert rows["torch cuda fp32"]["recall@10"] > 0.99
