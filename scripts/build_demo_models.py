@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--phrasing-noise", type=float, default=0.5, help="share of instructions with filler words dropped/inserted")
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
+    parser.add_argument("--name-first-captions", action=argparse.BooleanOptionalAction, default=False,
+                        help="add captions that put an attribute's name first and alone ('backdrop: teal', 'which scale? large')")
+    parser.add_argument("--size-synonym-captions", action=argparse.BooleanOptionalAction, default=False,
+                        help="call the size 'big' or 'little' in half the captions")
     parser.add_argument("--next-token-weight", type=float, default=0.0,
                         help="weight of the caption phase's next-token term (ties words used in the same caption contexts)")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
@@ -60,12 +64,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
-    captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1, name_negatives=args.name_negatives)
+    caption_style = dict(name_first_captions=args.name_first_captions, size_synonym_captions=args.size_synonym_captions)
+    captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1, name_negatives=args.name_negatives,
+                                **caption_style)
 
     def instructions(seed: int, shape_focus: float) -> ColorShapeSource:
         return ColorShapeSource("instruction", ARCHITECTURE["image_size"], seed=seed, grayscale=args.grayscale, recolor=args.recolor,
                                 phrasing_noise=args.phrasing_noise, focus="shape", focus_share=shape_focus,
-                                with_captions=args.text_anchor_weight > 0)
+                                with_captions=args.text_anchor_weight > 0, **caption_style)
 
     with tempfile.TemporaryDirectory() as scratch:
         init = save_tiny_clip(Path(scratch) / "init", captions.texts(), seed=args.seed, vocab_size=1000, **ARCHITECTURE)

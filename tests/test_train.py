@@ -293,6 +293,32 @@ def test_name_swapped_negatives_differ_from_their_caption_only_in_an_attribute_n
     assert ColorShapeSource("caption", resolution=16, seed=0).batch(0, 8).negatives is None
 
 
+def test_name_first_and_size_synonym_captions_and_their_negatives():
+    from focalsearch.synth import colorshape as cs
+
+    names = {w for words in cs.NAME_WORDS.values() for w in words}
+    owner = {w: a for a, ws in cs.NAME_WORDS.items() for w in ws}
+    source = ColorShapeSource("caption", resolution=16, seed=0, name_negatives=True, name_first_captions=True,
+                              size_synonym_captions=True)
+    captions, negatives = [], []
+    for step in range(6):
+        batch = source.batch(step, 64)
+        captions += batch.targets
+        negatives += batch.negatives
+    frames = [(c, n) for c, n in zip(captions, negatives) if c.split()[0].rstrip(":") in names or c.startswith("which ")]
+    assert len(frames) > len(captions) // 5
+    for caption, negative in frames:  # the bare name is the only word that tells the negative apart
+        changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+        assert len(changed) == 1 and owner[changed[0][0].rstrip("?:")] != owner[changed[0][1].rstrip("?:")], (caption, negative)
+    words = {w for c in captions for w in cs._words(c)}
+    assert {"big", "little", "large", "small"} <= words
+    # both off, the captions are the shipped demo's; on, the tokenizer texts carry the new words too
+    plain = ColorShapeSource("caption", resolution=16, seed=0, name_negatives=True)
+    plain_words = {w for step in range(6) for c in plain.batch(step, 64).targets for w in cs._words(c)}
+    assert not {"big", "little"} & plain_words and not any(c.split()[0].rstrip(":") in names for c in plain.batch(0, 64).targets)
+    assert {"big", "little"} & {w for t in source.texts() for w in cs._words(t)}
+
+
 def test_focus_asks_more_questions_about_one_attribute_and_its_hard_negatives():
     from focalsearch.synth import colorshape as cs
 

@@ -231,27 +231,47 @@ def off_palette_fill(attrs: Attributes, rng: random.Random, min_distance: float 
             return rgb
 
 
-def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None) -> str:
-    """A caption of the scene in one of several templates and synonyms (one that names ``mentioning``)."""
-    templates = _TEMPLATES_NAMING[mentioning] if mentioning else _CAPTION_TEMPLATES
-    return rng.choice(templates).format(**asdict(attrs))
-
-
 # The words by which captions name each attribute.
 NAME_WORDS = {"color": ("color", "hue"), "shape": ("shape", "form"), "count": ("number",), "background": ("background", "backdrop"),
               "size": ("size", "scale")}
 _NAMED_ATTRIBUTE = {word: attribute for attribute, words in NAME_WORDS.items() for word in words}
+
+# Captions that put a name first and alone ("backdrop: teal", "which scale? large"): the base templates
+# never show a name outside a sentence, which is how users type it.
+_NAME_FIRST_TEMPLATES = tuple(
+    frame.format(name=name, slot="{" + attribute + "}")
+    for attribute, names in NAME_WORDS.items() for name in names for frame in ("{name}: {slot}", "which {name}? {slot}")
+)
+_NAME_FIRST_NAMING = {a: tuple(t for t in _NAME_FIRST_TEMPLATES if "{" + a + "}" in t) for a in ATTRIBUTES}
+# Everyday words for the sizes, used in captions as often as the answers' own words.
+SIZE_SYNONYMS = {"large": "big", "small": "little"}
+
+
+def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None, *, name_first: bool = False,
+            size_synonyms: bool = False) -> str:
+    """A caption of the scene in one of several templates and synonyms (one that names ``mentioning``).
+
+    ``name_first`` adds the name-first frames (a third of the captions use one); ``size_synonyms`` calls
+    the size "big" or "little" in half the captions. Both off, the captions are the shipped demo's.
+    """
+    templates = _TEMPLATES_NAMING[mentioning] if mentioning else _CAPTION_TEMPLATES
+    if name_first and rng.random() < 1 / 3:
+        templates = _NAME_FIRST_NAMING[mentioning] if mentioning else _NAME_FIRST_TEMPLATES
+    values = asdict(attrs)
+    if size_synonyms and rng.random() < 0.5:
+        values["size"] = SIZE_SYNONYMS[values["size"]]
+    return rng.choice(templates).format(**values)
 
 
 def name_swapped(text: str, rng: random.Random) -> str:
     """The caption with one attribute name replaced by another attribute's name ('' if it names none):
     a negative that only the name words tell apart from the caption."""
     words = text.split(" ")
-    spots = [i for i, w in enumerate(words) if w.rstrip("s,.?") in _NAMED_ATTRIBUTE]
+    spots = [i for i, w in enumerate(words) if w.rstrip("s,.?:") in _NAMED_ATTRIBUTE]
     if not spots:
         return ""
     i = rng.choice(spots)
-    stem = words[i].rstrip("s,.?")
+    stem = words[i].rstrip("s,.?:")
     tail = words[i][len(stem):]
     other = rng.choice([a for a in NAME_WORDS if a != _NAMED_ATTRIBUTE[stem]])
     words[i] = rng.choice(NAME_WORDS[other]) + tail

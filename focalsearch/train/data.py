@@ -132,6 +132,8 @@ class ColorShapeSource:
         recolor: float = 0.0,
         phrasing_noise: float = 0.0,
         name_negatives: bool = False,
+        name_first_captions: bool = False,
+        size_synonym_captions: bool = False,
         focus: str | None = None,
         focus_share: float = 0.0,
     ):
@@ -156,6 +158,7 @@ class ColorShapeSource:
         self.recolor = recolor
         self.phrasing_noise = phrasing_noise
         self.name_negatives = name_negatives and objective == "caption"
+        self.caption_style = dict(name_first=name_first_captions, size_synonyms=size_synonym_captions)
         self.focus = focus if objective == "instruction" and focus_share > 0 else None
         self.focus_share = focus_share
         self.scenes = cs.split_attributes("train")
@@ -194,7 +197,7 @@ class ColorShapeSource:
                     if rng.random() < self.grayscale and cs.visible_in_grayscale(scene):
                         image = image.convert("L").convert("RGB")
                 images.append(image)
-                captions.append(cs.caption(scene, rng, mentioning=varied))
+                captions.append(cs.caption(scene, rng, mentioning=varied, **self.caption_style))
                 if self.objective == "caption":
                     instructions.append("")
                     targets.append(captions[-1])
@@ -211,6 +214,6 @@ class ColorShapeSource:
 
     def texts(self) -> list[str]:
         rng = random.Random(self.seed)
-        captions = [cs.caption(rng.choice(self.scenes), rng) for _ in range(5000)]
+        captions = [cs.caption(rng.choice(self.scenes), rng, **self.caption_style) for _ in range(5000)]
         phrasings = [p for group in cs.TRAIN_PHRASINGS.values() for p in group]
         return captions + phrasings * 20 + [v for values in cs.VALUES.values() for v in values] * 20
