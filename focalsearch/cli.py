@@ -416,6 +416,10 @@ def train(
         "--next-token-weight", min=0.0, help="With --objective caption: weight of a next-token term on the captions, which ties words used in the same contexts (synonyms).")] = 0.0,
     name_negatives: Annotated[bool, typer.Option(
         "--name-negatives", help="ColorShape captions: give each caption a negative that differs only in an attribute's name.")] = False,
+    name_first_captions: Annotated[bool, typer.Option(
+        "--name-first-captions", help="ColorShape captions: add captions that put an attribute's name first and alone ('backdrop: teal').")] = False,
+    size_synonym_captions: Annotated[bool, typer.Option(
+        "--size-synonym-captions", help="ColorShape captions: call the size 'big' or 'little' in half of them.")] = False,
     focus: Annotated[Optional[str], typer.Option(
         "--focus", help="ColorShape instructions: an attribute (color, shape, count, background, size) to ask about more often; see --focus-share.")] = None,
     focus_share: Annotated[float, typer.Option("--focus-share", min=0.0, max=1.0, help="With --focus: the share of question groups about it.")] = 0.5,
@@ -435,6 +439,8 @@ def train(
     """
     if name_negatives and (data != "colorshape" or objective != "caption"):
         _fail("--name-negatives applies to generated captions only: --data colorshape --objective caption", 2)
+    if (name_first_captions or size_synonym_captions) and data != "colorshape":
+        _fail("--name-first-captions and --size-synonym-captions apply to generated captions only: --data colorshape", 2)
     if text_anchor_weight > 0 and (data != "colorshape" or objective != "instruction" or not train_text):
         _fail("--text-anchor-weight applies to a trained text tower on generated instructions: --data colorshape --objective instruction --train-text", 2)
     if next_token_weight > 0 and objective != "caption":
@@ -460,6 +466,8 @@ def train(
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
         argv += ["--train-text"] if train_text else []
         argv += ["--name-negatives"] if name_negatives else []
+        argv += ["--name-first-captions"] if name_first_captions else []
+        argv += ["--size-synonym-captions"] if size_synonym_captions else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "focalsearch.train"]
         from focalsearch.threads import available_cores
 
@@ -474,7 +482,8 @@ def train(
         if data == "colorshape":
             source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0 or text_anchor_weight > 0,
                                       recolor=recolor,
-                                      phrasing_noise=phrasing_noise, name_negatives=name_negatives, focus=focus,
+                                      phrasing_noise=phrasing_noise, name_negatives=name_negatives,
+                                      name_first_captions=name_first_captions, size_synonym_captions=size_synonym_captions, focus=focus,
                                       focus_share=focus_share if focus else 0.0)
         else:
             triples = read_llava_json(data)

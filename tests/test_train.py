@@ -167,7 +167,7 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     captions = runner.invoke(app, [
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model5"), "--data", "colorshape", "--resolution", "32",
         "--objective", "caption", "--name-negatives", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
-        "--next-token-weight", "1",
+        "--next-token-weight", "1", "--name-first-captions", "--size-synonym-captions",
     ])
     assert captions.exit_code == 0, captions.output
     assert json.loads((tmp_path / "model5" / "training_log.json").read_text())["options"]["next_token_weight"] == 1.0
@@ -176,7 +176,8 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     for wrong, message in ((["--data", "colorshape", "--focus", "weight"], "error: unknown --focus 'weight'"),
                            (["--data", str(llava), "--focus", "shape"], "error: --focus applies to generated instructions only"),
                            (["--data", "colorshape", "--text-anchor-weight", "1"], "error: --text-anchor-weight applies to a trained text tower"),
-                           (["--data", "colorshape", "--next-token-weight", "1"], "error: --next-token-weight applies to caption training")):
+                           (["--data", "colorshape", "--next-token-weight", "1"], "error: --next-token-weight applies to caption training"),
+                           (["--data", str(llava), "--size-synonym-captions"], "error: --name-first-captions and --size-synonym-captions apply")):
         refused = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m7"), *wrong])
         assert refused.exit_code == 2 and refused.stderr.startswith(message) and len(refused.stderr.strip().splitlines()) == 1
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
