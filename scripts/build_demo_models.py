@@ -3,9 +3,13 @@
     python scripts/build_demo_models.py            # writes focalsearch/checkpoints/{demo-clip,demo}
 
 1. a byte-level BPE tokenizer (deterministic) learned from ColorShape captions and training phrasings, and a random small CLIP;
-2. `demo-clip`: that CLIP trained on (image, caption) pairs of the ColorShape training split;
+2. `demo-clip`: that CLIP trained on (image, caption) pairs of the ColorShape training split. Each caption
+   has a negative that differs only in an attribute's name; a third of the captions put a name first and
+   alone ("backdrop: teal", "which scale? large"), and half call the size "big" or "little", so that the
+   text tower places synonyms, bare names and "how large" beside the words that instructions use;
 3. `demo`: demo-clip turned into FocalLens-CLIP and instruction-tuned on (image, instruction, answer),
-   text tower included: the small caption-trained text tower does not tell shape and count words apart.
+   text tower included for the first 1,000 steps (the small caption-trained text tower does not tell
+   shape and count words apart), with a term holding its states for captions where demo-clip put them.
    Half of the questions not about colour show the objects in a random colour (never one named as a
    held-out partner of the shape), so that shape is not learned as a property of the few colours
    each shape comes in; half of the instructions lose and gain filler words, so that the attribute
@@ -47,16 +51,16 @@ def main() -> None:
     parser.add_argument("--phrasing-noise", type=float, default=0.5, help="share of instructions with filler words dropped/inserted")
     parser.add_argument("--name-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="give each caption a negative that differs only in an attribute's name")
-    parser.add_argument("--name-first-captions", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--name-first-captions", action=argparse.BooleanOptionalAction, default=True,
                         help="add captions that put an attribute's name first and alone ('backdrop: teal', 'which scale? large')")
-    parser.add_argument("--size-synonym-captions", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--size-synonym-captions", action=argparse.BooleanOptionalAction, default=True,
                         help="call the size 'big' or 'little' in half the captions")
     parser.add_argument("--next-token-weight", type=float, default=0.0,
                         help="weight of the caption phase's next-token term (ties words used in the same caption contexts)")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
-    parser.add_argument("--text-anchor-weight", type=float, default=0.0,
-                        help="weight of the term that holds the tuned text tower's caption states at demo-clip's "
-                             "(an ablation: 5 gave 'form' and lost 'scale', see README)")
+    parser.add_argument("--text-anchor-weight", type=float, default=5.0,
+                        help="weight of the term that holds the tuned text tower's caption states at demo-clip's, "
+                             "so that what the captions tied (synonyms) stays tied while the text tower is tuned")
     parser.add_argument("--shape-focus", type=float, default=0.6,
                         help="extra share of instruction groups asked about shape (the hardest attribute)")
     parser.add_argument("--polish-steps", type=int, default=600, help="steps of the second, low learning-rate schedule (0: none)")
