@@ -28,7 +28,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 $PYTHON -c "import torch, faiss, lancedb, transformers; print('torch', torch.__version__, 'faiss', faiss.__version__, 'lancedb', lancedb.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/card.txt"
 step cuda_tests "${CUDA_TESTS_S:-150}" $PYTHON -m pytest -q -p no:cacheprovider -rs tests/test_search.py -k cuda
-step throughput "${THROUGHPUT_S:-200}" $PYTHON benchmarks/throughput.py --device cuda --models vit-l14-336 \
-    --images 96 --vit-images 96 --json "$OUT/throughput.json"
+step throughput "${THROUGHPUT_S:-300}" $PYTHON benchmarks/throughput.py --device cuda --models vit-l14-336 \
+    --images 480 --vit-images 480 --json "$OUT/throughput.json"
 step gpu_search "${SEARCH_S:-150}" $PYTHON benchmarks/gpu_search.py --repeats 10 --json "$OUT/gpu_search.json"
 step serve_latency "${SERVE_S:-240}" $PYTHON benchmarks/serve_latency.py --json "$OUT/serve_latency.json"
