@@ -252,7 +252,8 @@ def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None
     """A caption of the scene in one of several templates and synonyms (one that names ``mentioning``).
 
     ``name_first`` adds the name-first frames (a third of the captions use one); ``size_synonyms`` calls
-    the size "big" or "little" in half the captions. Both off, the captions are the shipped demo's.
+    the size "big" or "little" in half the captions. Both off, only the sentence templates are used (and
+    the random stream is the one they always drew); the build turns both on.
     """
     templates = _TEMPLATES_NAMING[mentioning] if mentioning else _CAPTION_TEMPLATES
     if name_first and rng.random() < 1 / 3:

@@ -177,6 +177,8 @@ class ColorShapeSource:
         some filler words and gain others (``cs.noisy_instruction``). With ``name_negatives``, each
         caption batch also holds, per image, its caption with one attribute name swapped for another
         attribute's (``cs.name_swapped``; '' where the caption names none), a negative in the loss.
+        ``name_first_captions`` and ``size_synonym_captions`` pick the caption style (``cs.caption``), for
+        caption batches, for the captions beside instructions and for ``texts``.
         With ``focus`` and ``focus_share`` > 0, that share of the instruction groups ask about the
         focus attribute, and half of those vary it (four values of it on one scene).
         """
