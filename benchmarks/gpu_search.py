@@ -9,8 +9,8 @@ On clustered unit vectors (benchmarks/ann.py's generator), k = 10, inner product
 - "torch cuda fp32/fp16": the same exact search as one matrix product and top-k on the GPU, which is what
   a GPU flat index does; its single-query time is set against the bandwidth bound (a single query must
   read every vector once: n x dim x bytes / the card's measured copy bandwidth).
-For each: one query at a time (p50 / p99 ms over --repeats x 10 queries) and --queries in one batch
-(queries/s), with recall@10 against faiss cpu flat's answers (the exact ones, up to ties).
+For each: one query at a time (p50 / p99 ms over --repeats x 10 queries, after 20 warm-up) and --queries in
+one batch (queries/s), with recall@10 of the batch's answers against exact search (faiss.knn).
 """
 
 from __future__ import annotations
@@ -27,29 +27,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ann import clustered_vectors  # noqa: E402  (benchmarks/ann.py, beside this file)
+from ann import clustered_vectors, recall, single_query_latency  # noqa: E402  (benchmarks/ann.py, beside this file)
 
 from focalsearch import ann  # noqa: E402
 
 K = 10
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
-
-
-def time_searches(search, queries: np.ndarray, repeats: int) -> dict:
-    """p50/p99 of single-query searches and the throughput of one batch of all the queries."""
-    search(queries[:1])
-    single = []
-    for r in range(repeats):
-        for q in queries[(r * 10) % len(queries):][:10]:
-            started = time.perf_counter()
-            search(q[None, :])
-            single.append((time.perf_counter() - started) * 1e3)
+def measure(search, queries: np.ndarray, truth: np.ndarray, repeats: int) -> dict:
+    """p50/p99 of single-query searches (benchmarks/ann.py's loop), one batch of all the queries, and its recall@10."""
+    p50, p99, _ = single_query_latency(lambda q: search(q[None, :])[0], queries[: repeats * 10])
     batch_s = min(_timed(lambda: search(queries)) for _ in range(3))
-    return {"p50_ms": statistics.median(single), "p99_ms": float(np.percentile(single, 99)),
-            "batch_queries_per_s": len(queries) / batch_s}
+    return {"p50_ms": p50, "p99_ms": p99, "batch_queries_per_s": len(queries) / batch_s,
+            "recall@10": recall(search(queries), truth)}
 
 
 def _timed(fn) -> float:
@@ -82,8 +72,7 @@ def torch_rows(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: i
             positions = scores.topk(K, dim=1).indices.cpu().numpy()  # .cpu() waits for the GPU
             return positions
 
-        row = {"index": f"torch cuda {label}", **time_searches(search, queries, repeats),
-               "recall@10": recall(search(queries), truth)}
+        row = {"index": f"torch cuda {label}", **measure(search, queries, truth, repeats)}
         row["bandwidth_bound_ms"] = vectors.numel() * vectors.element_size() / bandwidth * 1e3
         rows.append(row)
         del vectors
@@ -108,16 +97,14 @@ def main() -> None:
     print(f"{args.n:,} x {args.dim} vectors, {args.queries} queries, {os.cpu_count()} CPU cores; "
           f"data {time.perf_counter() - started:.0f} s", flush=True)
 
+    truth = ann.faiss.knn(queries, x, K, metric=ann.faiss.METRIC_INNER_PRODUCT)[1]  # as benchmarks/ann.py
     flat = ann.build_index(x, kind="flat")
-    truth = ann.search(flat, queries, K)[1]
-    rows = [{"index": "faiss cpu flat", **time_searches(lambda q: ann.search(flat, q, K), queries, args.repeats),
-             "recall@10": 1.0}]
+    rows = [{"index": "faiss cpu flat", **measure(lambda q: ann.search(flat, q, K)[1], queries, truth, args.repeats)}]
     on_gpu = ann.to_gpu_if_available(flat)
     if on_gpu.device == "cpu":
         rows.append({"index": "faiss gpu flat", "missing": "this faiss build has no GPU support (faiss-cpu)"})
     else:
-        rows.append({"index": "faiss gpu flat", **time_searches(lambda q: ann.search(on_gpu, q, K), queries, args.repeats),
-                     "recall@10": recall(ann.search(on_gpu, queries, K)[1], truth)})
+        rows.append({"index": "faiss gpu flat", **measure(lambda q: ann.search(on_gpu, q, K)[1], queries, truth, args.repeats)})
     gpu_rows, card = torch_rows(x, queries, truth, args.repeats)
     rows += gpu_rows
 
