@@ -420,6 +420,8 @@ def train(
         "--name-first-captions", help="ColorShape captions: add captions that put an attribute's name first and alone ('backdrop: teal').")] = False,
     size_synonym_captions: Annotated[bool, typer.Option(
         "--size-synonym-captions", help="ColorShape captions: call the size 'big' or 'little' in half of them.")] = False,
+    question_frame_captions: Annotated[bool, typer.Option(
+        "--question-frame-captions", help="ColorShape captions: add captions that ask a training question with any attribute name in it, then answer it ('which form do the objects have? star').")] = False,
     focus: Annotated[Optional[str], typer.Option(
         "--focus", help="ColorShape instructions: an attribute (color, shape, count, background, size) to ask about more often; see --focus-share.")] = None,
     focus_share: Annotated[float, typer.Option("--focus-share", min=0.0, max=1.0, help="With --focus: the share of question groups about it.")] = 0.5,
@@ -439,8 +441,8 @@ def train(
     """
     if name_negatives and (data != "colorshape" or objective != "caption"):
         _fail("--name-negatives applies to generated captions only: --data colorshape --objective caption", 2)
-    if (name_first_captions or size_synonym_captions) and data != "colorshape":
-        _fail("--name-first-captions and --size-synonym-captions apply to generated captions only: --data colorshape", 2)
+    if (name_first_captions or size_synonym_captions or question_frame_captions) and data != "colorshape":
+        _fail("--name-first-captions, --size-synonym-captions and --question-frame-captions apply to generated captions only: --data colorshape", 2)
     if text_anchor_weight > 0 and (data != "colorshape" or objective != "instruction" or not train_text):
         _fail("--text-anchor-weight applies to a trained text tower on generated instructions: --data colorshape --objective instruction --train-text", 2)
     if next_token_weight > 0 and objective != "caption":
@@ -468,6 +470,7 @@ def train(
         argv += ["--name-negatives"] if name_negatives else []
         argv += ["--name-first-captions"] if name_first_captions else []
         argv += ["--size-synonym-captions"] if size_synonym_captions else []
+        argv += ["--question-frame-captions"] if question_frame_captions else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "focalsearch.train"]
         from focalsearch.threads import available_cores
 
@@ -483,7 +486,8 @@ def train(
             source = ColorShapeSource(objective, resolution, seed=seed, with_captions=caption_weight > 0 or text_anchor_weight > 0,
                                       recolor=recolor,
                                       phrasing_noise=phrasing_noise, name_negatives=name_negatives,
-                                      name_first_captions=name_first_captions, size_synonym_captions=size_synonym_captions, focus=focus,
+                                      name_first_captions=name_first_captions, size_synonym_captions=size_synonym_captions,
+                                      question_frame_captions=question_frame_captions, focus=focus,
                                       focus_share=focus_share if focus else 0.0)
         else:
             triples = read_llava_json(data)

@@ -5,8 +5,10 @@
 1. a byte-level BPE tokenizer (deterministic) learned from ColorShape captions and training phrasings, and a random small CLIP;
 2. `demo-clip`: that CLIP trained on (image, caption) pairs of the ColorShape training split. Each caption
    has a negative that differs only in an attribute's name; a third of the captions put a name first and
-   alone ("backdrop: teal", "which scale? large"), and half call the size "big" or "little", so that the
-   text tower places synonyms, bare names and "how large" beside the words that instructions use;
+   alone ("backdrop: teal", "which scale? large"), a sixth ask a training question with any name in it and
+   answer it ("which form do the objects have? star"), and half call the size "big" or "little", so that
+   the text tower places synonyms, bare names and "how large" beside the words that instructions use, in
+   statements and in questions alike;
 3. `demo`: demo-clip turned into FocalLens-CLIP and instruction-tuned on (image, instruction, answer),
    text tower included for the first 1,000 steps (the small caption-trained text tower does not tell
    shape and count words apart), with a term holding its states for captions where demo-clip put them.
@@ -55,6 +57,9 @@ def main() -> None:
                         help="add captions that put an attribute's name first and alone ('backdrop: teal', 'which scale? large')")
     parser.add_argument("--size-synonym-captions", action=argparse.BooleanOptionalAction, default=True,
                         help="call the size 'big' or 'little' in half the captions")
+    parser.add_argument("--question-frame-captions", action=argparse.BooleanOptionalAction, default=True,
+                        help="add captions that ask a training question with any attribute name in it, then answer it "
+                             "('which form do the objects have? star')")
     parser.add_argument("--next-token-weight", type=float, default=0.0,
                         help="weight of the caption phase's next-token term (ties words used in the same caption contexts)")
     parser.add_argument("--text-steps", type=int, default=1000, help="instruction steps after which the text tower is frozen")
@@ -68,7 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)  # the same arithmetic on every machine, for reproducible weights
     started = time.perf_counter()
-    caption_style = dict(name_first_captions=args.name_first_captions, size_synonym_captions=args.size_synonym_captions)
+    caption_style = dict(name_first_captions=args.name_first_captions, size_synonym_captions=args.size_synonym_captions,
+                         question_frame_captions=args.question_frame_captions)
     captions = ColorShapeSource("caption", ARCHITECTURE["image_size"], seed=args.seed + 1, name_negatives=args.name_negatives,
                                 **caption_style)
 

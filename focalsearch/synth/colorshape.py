@@ -243,21 +243,56 @@ _NAME_FIRST_TEMPLATES = tuple(
     for attribute, names in NAME_WORDS.items() for name in names for frame in ("{name}: {slot}", "which {name}? {slot}")
 )
 _NAME_FIRST_NAMING = {a: tuple(t for t in _NAME_FIRST_TEMPLATES if "{" + a + "}" in t) for a in ATTRIBUTES}
+
+
+@functools.cache
+def question_frame_templates() -> dict[str | None, tuple[str, ...]]:
+    """Captions that ask a training phrasing's question with any attribute name in it, then answer it
+    ("which form do the objects have? star", "what backdrop is the object? teal"), by the attribute
+    they name (``None``: all of them).
+
+    The sentence templates use a caption-only name ("form") only in statements, so the text tower
+    never learns it in the question frames that instructions use. The frames come from the training
+    phrasings that hold one name word; a caption that contains a held-out phrasing, synonym or
+    question of two words or more as a run of words ("what hue are the shapes?", "which hue?") is
+    left out (one word alone, "hue", is what the captions are there to teach).
+    """
+    names = {w for words in NAME_WORDS.values() for w in words}
+    frames = dict.fromkeys(
+        " ".join("{name}" if w in names else w for w in phrasing.split(" "))
+        for group in TRAIN_PHRASINGS.values() for phrasing in group
+        if len(phrasing.split(" ")) > 1 and sum(w.rstrip("?") in names for w in phrasing.split(" ")) == 1
+    )
+    by_attribute: dict[str | None, list[str]] = {a: [] for a in ATTRIBUTES}
+    for frame in frames:
+        frame = frame.replace("{name}?", "{name} ?") if "{name}?" in frame else frame
+        for attribute, words in NAME_WORDS.items():
+            for name in words:
+                text = frame.format(name=name).replace(" ?", "?") + " {" + attribute + "}"
+                if not contains_held_out(_words(text), min_words=2):
+                    by_attribute[attribute].append(text)
+    by_attribute[None] = [t for a in ATTRIBUTES for t in by_attribute[a]]
+    return {a: tuple(t) for a, t in by_attribute.items()}
+
+
 # Everyday words for the sizes, used in captions as often as the answers' own words.
 SIZE_SYNONYMS = {"large": "big", "small": "little"}
 
 
 def caption(attrs: Attributes, rng: random.Random, mentioning: str | None = None, *, name_first: bool = False,
-            size_synonyms: bool = False) -> str:
+            size_synonyms: bool = False, question_frames: bool = False) -> str:
     """A caption of the scene in one of several templates and synonyms (one that names ``mentioning``).
 
-    ``name_first`` adds the name-first frames (a third of the captions use one); ``size_synonyms`` calls
-    the size "big" or "little" in half the captions. Both off, only the sentence templates are used (and
-    the random stream is the one they always drew); the build turns both on.
+    ``name_first`` adds the name-first frames (a third of the captions use one); ``question_frames``
+    adds the question-frame captions (``question_frame_templates``: a quarter of the rest);
+    ``size_synonyms`` calls the size "big" or "little" in half the captions. All off, only the sentence
+    templates are used (and the random stream is the one they always drew); the build turns all on.
     """
     templates = _TEMPLATES_NAMING[mentioning] if mentioning else _CAPTION_TEMPLATES
     if name_first and rng.random() < 1 / 3:
         templates = _NAME_FIRST_NAMING[mentioning] if mentioning else _NAME_FIRST_TEMPLATES
+    elif question_frames and rng.random() < 1 / 4:
+        templates = question_frame_templates()[mentioning]
     values = asdict(attrs)
     if size_synonyms and rng.random() < 0.5:
         values["size"] = SIZE_SYNONYMS[values["size"]]
@@ -268,7 +303,9 @@ def name_swapped(text: str, rng: random.Random) -> str:
     """The caption with one attribute name replaced by another attribute's name ('' if it names none):
     a negative that only the name words tell apart from the caption."""
     words = text.split(" ")
-    spots = [i for i, w in enumerate(words) if w.rstrip("s,.?:") in _NAMED_ATTRIBUTE]
+    # a name itself ("form") before a plural that may only mean the objects ("two red shapes", "of the shapes")
+    spots = ([i for i, w in enumerate(words) if w.rstrip(",.?:") in _NAMED_ATTRIBUTE]
+             or [i for i, w in enumerate(words) if w.rstrip("s,.?:") in _NAMED_ATTRIBUTE])
     if not spots:
         return ""
     i = rng.choice(spots)
@@ -332,9 +369,10 @@ def _held_out_word_sequences() -> frozenset[tuple[str, ...]]:
     return frozenset(tuple(_words(p)) for table in tables for group in table.values() for p in group)
 
 
-def contains_held_out(words: list[str]) -> bool:
-    """Whether a held-out phrasing, synonym or question occurs anywhere in ``words`` as a run of words."""
-    runs = _held_out_word_sequences()
+def contains_held_out(words: list[str], min_words: int = 1) -> bool:
+    """Whether a held-out phrasing, synonym or question of at least ``min_words`` words occurs anywhere
+    in ``words`` as a run of words."""
+    runs = {run for run in _held_out_word_sequences() if len(run) >= min_words}
     lengths = {len(r) for r in runs}
     return any(tuple(words[i : i + n]) in runs for n in lengths for i in range(len(words) - n + 1))
 

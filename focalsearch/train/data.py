@@ -134,6 +134,7 @@ class ColorShapeSource:
         name_negatives: bool = False,
         name_first_captions: bool = False,
         size_synonym_captions: bool = False,
+        question_frame_captions: bool = False,
         focus: str | None = None,
         focus_share: float = 0.0,
     ):
@@ -158,7 +159,8 @@ class ColorShapeSource:
         self.recolor = recolor
         self.phrasing_noise = phrasing_noise
         self.name_negatives = name_negatives and objective == "caption"
-        self.caption_style = dict(name_first=name_first_captions, size_synonyms=size_synonym_captions)
+        self.caption_style = dict(name_first=name_first_captions, size_synonyms=size_synonym_captions,
+                                  question_frames=question_frame_captions)
         self.focus = focus if objective == "instruction" and focus_share > 0 else None
         self.focus_share = focus_share
         self.scenes = cs.split_attributes("train")
@@ -177,8 +179,8 @@ class ColorShapeSource:
         some filler words and gain others (``cs.noisy_instruction``). With ``name_negatives``, each
         caption batch also holds, per image, its caption with one attribute name swapped for another
         attribute's (``cs.name_swapped``; '' where the caption names none), a negative in the loss.
-        ``name_first_captions`` and ``size_synonym_captions`` pick the caption style (``cs.caption``), for
-        caption batches, for the captions beside instructions and for ``texts``.
+        ``name_first_captions``, ``size_synonym_captions`` and ``question_frame_captions`` pick the caption
+        style (``cs.caption``), for caption batches, for the captions beside instructions and for ``texts``.
         With ``focus`` and ``focus_share`` > 0, that share of the instruction groups ask about the
         focus attribute, and half of those vary it (four values of it on one scene).
         """

@@ -199,11 +199,12 @@ class _Trainer:
         max_length = self.model.config.instruction_max_length
         if self.freeze_text:
             missing = [i for i in dict.fromkeys(instructions) if i not in self._instruction_cache]
-            for text in missing:
-                tokens = self._tokens([text], max_length)
+            if missing:  # one padded pass: the causal text tower gives each text's own tokens the same states
+                tokens = self._tokens(missing, max_length)
                 with torch.no_grad():
-                    hidden = self.model.text_model(**tokens).last_hidden_state[0]
-                self._instruction_cache[text] = hidden[tokens["attention_mask"][0].bool()]
+                    hidden = self.model.text_model(**tokens).last_hidden_state
+                for text, states, keep in zip(missing, hidden, tokens["attention_mask"].bool()):
+                    self._instruction_cache[text] = states[keep]
             states = [self._instruction_cache[i] for i in instructions]
             length = max(s.shape[0] for s in states)
             hidden = torch.zeros(len(states), length, states[0].shape[-1], device=self.device)
