@@ -167,7 +167,7 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
     captions = runner.invoke(app, [
         "train", "--base", str(tiny_clip), "--out", str(tmp_path / "model5"), "--data", "colorshape", "--resolution", "32",
         "--objective", "caption", "--name-negatives", "--steps", "2", "--batch-size", "8", "--warmup", "1", "--device", "cpu",
-        "--next-token-weight", "1", "--name-first-captions", "--size-synonym-captions",
+        "--next-token-weight", "1", "--name-first-captions", "--size-synonym-captions", "--question-frame-captions",
     ])
     assert captions.exit_code == 0, captions.output
     assert json.loads((tmp_path / "model5" / "training_log.json").read_text())["options"]["next_token_weight"] == 1.0
@@ -177,7 +177,8 @@ def test_train_and_synth_from_the_command_line(tiny_clip, tmp_path, llava):
                            (["--data", str(llava), "--focus", "shape"], "error: --focus applies to generated instructions only"),
                            (["--data", "colorshape", "--text-anchor-weight", "1"], "error: --text-anchor-weight applies to a trained text tower"),
                            (["--data", "colorshape", "--next-token-weight", "1"], "error: --next-token-weight applies to caption training"),
-                           (["--data", str(llava), "--size-synonym-captions"], "error: --name-first-captions and --size-synonym-captions apply")):
+                           (["--data", str(llava), "--size-synonym-captions"], "error: --name-first-captions, --size-synonym-captions and --question-frame-captions apply"),
+                           (["--data", str(llava), "--question-frame-captions"], "error: --name-first-captions, --size-synonym-captions and --question-frame-captions apply")):
         refused = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m7"), *wrong])
         assert refused.exit_code == 2 and refused.stderr.startswith(message) and len(refused.stderr.strip().splitlines()) == 1
     missing = runner.invoke(app, ["train", "--base", str(tiny_clip), "--out", str(tmp_path / "m3"), "--data", str(tmp_path / "none.json")])
@@ -318,6 +319,64 @@ def test_name_first_and_size_synonym_captions_and_their_negatives():
     plain_words = {w for step in range(6) for c in plain.batch(step, 64).targets for w in cs._words(c)}
     assert not {"big", "little"} & plain_words and not any(c.split()[0].rstrip(":") in names for c in plain.batch(0, 64).targets)
     assert {"big", "little"} & {w for t in source.texts() for w in cs._words(t)}
+
+
+def test_question_frame_captions_ask_training_questions_with_every_name_and_no_held_out_run():
+    from focalsearch.synth import colorshape as cs
+
+    frames = cs.question_frame_templates()
+    owner = {w: a for a, ws in cs.NAME_WORDS.items() for w in ws}
+    assert "which form do the objects have? {shape}" in frames["shape"] and "what backdrop is the object? {background}" in frames["background"]
+    assert "what hue are the shapes? {color}" not in frames["color"]  # a held-out synonym, word for word
+    assert "which hue are the objects? {color}" not in frames["color"]  # holds the held-out question "which hue?"
+    for attribute, templates in frames.items():
+        for template in templates:
+            named = [w.rstrip("?") for w in template.split() if w.rstrip("?") in owner]
+            assert len(named) == 1 and (attribute is None or owner[named[0]] == attribute), template
+            assert template.endswith("}") and not cs.contains_held_out(cs._words(template.split("{")[0]), min_words=2), template
+    assert {w for t in frames[None] for w in cs._words(t)} >= {"hue", "form", "backdrop", "scale"}
+
+    source = ColorShapeSource("caption", resolution=16, seed=0, name_negatives=True, name_first_captions=True,
+                              size_synonym_captions=True, question_frame_captions=True)
+    pairs = [(c, n) for step in range(6) for c, n in zip(source.batch(step, 64).targets, source.batch(step, 64).negatives)]
+    filled = {t.replace(t[t.index("{"):], "") for t in frames[None]}
+    asked = [(c, n) for c, n in pairs if c.rsplit(" ", 1)[0] + " " in filled]
+    assert 0.08 < len(asked) / len(pairs) < 0.3  # a quarter of the two thirds that are not name-first
+    assert {owner[w.rstrip("?")] for c, _ in asked for w in c.split() if w.rstrip("?") in owner} == set(cs.ATTRIBUTES)
+    for caption, negative in asked:  # the negative swaps the name, never the plural that means the objects
+        changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+        assert len(changed) == 1 and owner[changed[0][0].rstrip("?")] != owner[changed[0][1].rstrip("?")], (caption, negative)
+    without = ColorShapeSource("caption", resolution=16, seed=0, name_negatives=True, name_first_captions=True, size_synonym_captions=True)
+    assert not any(c.rsplit(" ", 1)[0] + " " in filled for step in range(6) for c in without.batch(step, 64).targets)
+
+
+def test_name_swapped_prefers_a_name_to_a_plural_that_means_the_objects():
+    from focalsearch.synth import colorshape as cs
+
+    for seed in range(20):
+        negative = cs.name_swapped("two red shapes that have a star form", random.Random(seed))
+        assert negative.startswith("two red shapes that have a star ") and not negative.endswith(" form")
+    assert cs.name_swapped("three red shapes on gray", random.Random(0)).split()[2] != "shapes"  # no name: the plural it is
+
+
+def test_frozen_text_instruction_states_match_the_tuned_path(tiny_clip):
+    from focalsearch.models.init_checkpoint import focallens_from_clip
+    from focalsearch.models.loading import load_clip_family, resolve_model
+    from focalsearch.train.loop import _Trainer
+
+    model, tokenizer, processor = load_clip_family(resolve_model(str(tiny_clip)))
+    trainer = _Trainer(focallens_from_clip(model, seed=0), tokenizer, processor,
+                       TrainOptions(objective="instruction", device="cpu", train_text=True))
+    instructions = ["shape", "what color is the background?", "shape", "how many shapes are there?"]
+    with torch.no_grad():
+        tuned, tuned_mask = trainer._instruction_tokens(instructions)
+        trainer._freeze_text_tower()
+        frozen, frozen_mask = trainer._instruction_tokens(instructions)  # one padded pass for the three new texts
+        again, _ = trainer._instruction_tokens(instructions[::-1])  # from the cache
+    assert torch.equal(tuned_mask, frozen_mask) and len(trainer._instruction_cache) == 3
+    keep = tuned_mask.bool()
+    torch.testing.assert_close(frozen[keep], tuned[keep], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again[:, : frozen.shape[1]], frozen.flip(0), atol=0, rtol=0)
 
 
 def test_focus_asks_more_questions_about_one_attribute_and_its_hard_negatives():
