@@ -338,8 +338,8 @@ def test_question_frame_captions_ask_training_questions_with_every_name_and_no_h
 
     source = ColorShapeSource("caption", resolution=16, seed=0, name_negatives=True, name_first_captions=True,
                               size_synonym_captions=True, question_frame_captions=True)
-    pairs = [(c, n) for step in range(6) for c, n in zip(source.batch(step, 64).targets, source.batch(step, 64).negatives)]
-    filled = {t.replace(t[t.index("{"):], "") for t in frames[None]}
+    pairs = [pair for batch in (source.batch(step, 64) for step in range(6)) for pair in zip(batch.targets, batch.negatives)]
+    filled = {t[: t.index("{")] for t in frames[None]}
     asked = [(c, n) for c, n in pairs if c.rsplit(" ", 1)[0] + " " in filled]
     assert 0.08 < len(asked) / len(pairs) < 0.3  # a quarter of the two thirds that are not name-first
     assert {owner[w.rstrip("?")] for c, _ in asked for w in c.split() if w.rstrip("?") in owner} == set(cs.ATTRIBUTES)

@@ -257,18 +257,16 @@ def question_frame_templates() -> dict[str | None, tuple[str, ...]]:
     question of two words or more as a run of words ("what hue are the shapes?", "which hue?") is
     left out (one word alone, "hue", is what the captions are there to teach).
     """
-    names = {w for words in NAME_WORDS.values() for w in words}
     frames = dict.fromkeys(
-        " ".join("{name}" if w in names else w for w in phrasing.split(" "))
+        " ".join("{name}" + w[len(w.rstrip("?")):] if w.rstrip("?") in _NAMED_ATTRIBUTE else w for w in phrasing.split(" "))
         for group in TRAIN_PHRASINGS.values() for phrasing in group
-        if len(phrasing.split(" ")) > 1 and sum(w.rstrip("?") in names for w in phrasing.split(" ")) == 1
+        if len(phrasing.split(" ")) > 1 and sum(w.rstrip("?") in _NAMED_ATTRIBUTE for w in phrasing.split(" ")) == 1
     )
     by_attribute: dict[str | None, list[str]] = {a: [] for a in ATTRIBUTES}
     for frame in frames:
-        frame = frame.replace("{name}?", "{name} ?") if "{name}?" in frame else frame
         for attribute, words in NAME_WORDS.items():
             for name in words:
-                text = frame.format(name=name).replace(" ?", "?") + " {" + attribute + "}"
+                text = frame.format(name=name) + " {" + attribute + "}"
                 if not contains_held_out(_words(text), min_words=2):
                     by_attribute[attribute].append(text)
     by_attribute[None] = [t for a in ATTRIBUTES for t in by_attribute[a]]
@@ -364,15 +362,16 @@ def _filler_words() -> tuple[str, ...]:
 
 
 @functools.cache
-def _held_out_word_sequences() -> frozenset[tuple[str, ...]]:
+def _held_out_word_sequences(min_words: int = 1) -> frozenset[tuple[str, ...]]:
     tables = (HELDOUT_PHRASINGS, HELDOUT_SYNONYMS, HELDOUT_QUESTIONS)
-    return frozenset(tuple(_words(p)) for table in tables for group in table.values() for p in group)
+    runs = (tuple(_words(p)) for table in tables for group in table.values() for p in group)
+    return frozenset(run for run in runs if len(run) >= min_words)
 
 
 def contains_held_out(words: list[str], min_words: int = 1) -> bool:
     """Whether a held-out phrasing, synonym or question of at least ``min_words`` words occurs anywhere
     in ``words`` as a run of words."""
-    runs = {run for run in _held_out_word_sequences() if len(run) >= min_words}
+    runs = _held_out_word_sequences(min_words)
     lengths = {len(r) for r in runs}
     return any(tuple(words[i : i + n]) in runs for n in lengths for i in range(len(words) - n + 1))
 
