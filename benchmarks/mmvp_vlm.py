@@ -2,6 +2,9 @@
 
     python benchmarks/mmvp_vlm.py --data DIR --model M [--encoder focallens|clip|clip+text] [--json OUT] [--ties official|pessimistic]
 
+On a plain CLIP checkpoint --encoder defaults to plain clip, the official MMVP baseline; scores are
+float32 unless --precision says otherwise (the precision is in the JSON).
+
 The protocol and the data layout are described in focalsearch/bench/ and in the README.
 """
 

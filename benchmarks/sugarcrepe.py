@@ -2,6 +2,9 @@
 
     python benchmarks/sugarcrepe.py --data DIR --model M [--encoder focallens|clip|clip+text] [--json OUT]
 
+On a plain CLIP checkpoint --encoder defaults to plain clip, the official SugarCrepe baseline; scores are
+float32 unless --precision says otherwise (the precision is in the JSON).
+
 The protocol and the data layout are described in focalsearch/bench/ and in the README.
 """
 

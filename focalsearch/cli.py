@@ -124,7 +124,8 @@ def index(
     encoder: Annotated[str, typer.Option("--encoder", help="auto, focallens, clip or clip+text.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder batch.")] = 32,
     commit_every: Annotated[
-        float, typer.Option("--commit-every", min=0, help="Seconds between commits: the most work a killed run can lose. 0: every batch.")
+        float, typer.Option("--commit-every", min=0, help="Seconds between commits (the first batch is committed at once): "
+                            "a killed run loses at most this much work plus one batch. 0: every batch.")
     ] = 5.0,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decode threads.")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip images with more pixels (decompression-bomb limit).")] = 178_956_970,
@@ -215,6 +216,10 @@ def query(
     from focalsearch.api import FocalSearch
 
     _configure_storage(storage_option)
+    if sum(q is not None for q in (image, text, image_id)) != 1:
+        _fail("give one query: an image, --text, or --image-id", 2)
+    if text is not None and not text.strip():
+        _fail("empty text query; give some words with --text", 2)
     instructions = instruction or [""]
     if weight and len(weight) != len(instructions):
         _fail(f"give one --weight per --instruction ({len(instructions)}), not {len(weight)}", 2)
@@ -319,6 +324,11 @@ def serve(
         Optional[str], typer.Option("--token", envvar="FOCALSEARCH_TOKEN", help="Every /api request must carry it (Authorization: Bearer T).")
     ] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest accepted request body.")] = 20.0,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option("--allowed-host", help="Another name the server answers to in the Host header (besides the --host address and "
+                                            "localhost); repeatable. '*' turns the Host check off and needs a token."),
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Server processes, each with its own model and query batching (they share the port).")
     ] = 1,
@@ -329,9 +339,16 @@ def serve(
 ) -> None:
     """Serve the JSON API (OpenAPI at /docs) and the web gallery at / for one index."""
     from focalsearch.server.app import is_loopback
+    from focalsearch.server.security import ANY_HOST, allowed_host_problem
 
     if not is_loopback(host) and not token:
         _fail(f"refusing to serve on {host}, which is not a loopback address, without a token; set --token or FOCALSEARCH_TOKEN", 2)
+    allowed_hosts = list(allowed_host or [])
+    for name in allowed_hosts:
+        if allowed_host_problem(name):
+            _fail(f"--allowed-host takes a bare name or IP address such as mybox.local, not {name!r}", 2)
+    if ANY_HOST in allowed_hosts and not token:
+        _fail("--allowed-host '*' answers any Host header, which DNS-rebinding pages use; it needs a token (--token or FOCALSEARCH_TOKEN)", 2)
     _configure_storage(storage_option)
     shown = f"[{host}]" if ":" in host else host
     if workers > 1:
@@ -345,6 +362,7 @@ def serve(
         _run(lambda: FocalSearch(index_dir).conditions())  # a one-line error here, not one per worker
         os.environ[SERVE_ENV] = json.dumps({
             "index_dir": str(index_dir), "token": token, "device": device, "precision": precision,
+            "host": host, "allowed_hosts": allowed_hosts,
             "max_upload_bytes": int(max_upload_mb * 1e6), "threads": threads or max(1, available_cores() // workers),
             "storage_options": dict(objectstore.current_options()),
         })
@@ -360,7 +378,8 @@ def serve(
 
         from focalsearch.server.app import create_app
 
-        application = create_app(index_dir, token=token, device=device, precision=precision, max_upload_bytes=int(max_upload_mb * 1e6))
+        application = create_app(index_dir, token=token, device=device, precision=precision, max_upload_bytes=int(max_upload_mb * 1e6),
+                                 host=host, allowed_hosts=allowed_hosts)
         return uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning"))
 
     server = _run(start)
@@ -516,11 +535,25 @@ def bench(
     name: Annotated[str, typer.Argument(help="genecis, celeba-attribute, mmvp-vlm, sugarcrepe or colorshape.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Folder with the benchmark's official files (not for colorshape).")] = None,
     model: ModelOpt = None,
-    encoder: Annotated[str, typer.Option("--encoder", help="auto, focallens, clip or clip+text.")] = "auto",
+    encoder: Annotated[
+        str,
+        typer.Option(
+            "--encoder",
+            help="auto (focallens on a FocalLens-CLIP checkpoint; on plain CLIP: clip for mmvp-vlm and sugarcrepe, "
+            "clip+text elsewhere), focallens, clip, clip+text, or text-only (genecis's text-only baseline).",
+        ),
+    ] = "auto",
     instruction: Annotated[Optional[str], typer.Option("--instruction", help="Instruction or template replacing the benchmark's default (see its docstring).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="float32 (default: the official scripts score in float32), bfloat16, or auto (bf16 on a GPU); "
+            "FOCALSEARCH_PRECISION does not apply here.",
+        ),
+    ] = "float32",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N records per file (a quick check).")] = None,
     threads: ThreadsOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
@@ -542,13 +575,16 @@ def bench(
     _quiet_libraries()
 
     def go():
-        from focalsearch.bench.registry import check_options, run_benchmark
+        from focalsearch.bench.registry import check_options, encoder_to_load, run_benchmark, split_encoder
         from focalsearch.models import create_encoder
 
-        check_options(name, data, ties=ties, tasks=task)  # before the (slow) model load
-        loaded = create_encoder(model, encoder=encoder, device=device, batch_size=batch_size, precision=precision)
+        kind, baseline = split_encoder(encoder)
+        check_options(name, data, ties=ties, tasks=task, baseline=baseline)  # before the (slow) model load
+        kind = encoder_to_load(name, kind, model)
+        loaded = create_encoder(model, encoder=kind, device=device, batch_size=batch_size, precision=precision)
         report = run_benchmark(
-            name, loaded, data, instruction=instruction, limit=limit, progress=sys.stderr.isatty(), ties=ties, tasks=task
+            name, loaded, data, instruction=instruction, limit=limit, progress=sys.stderr.isatty(), ties=ties, tasks=task,
+            baseline=baseline,
         )
         if json_out is not None:
             report.write_json(json_out)

@@ -229,7 +229,7 @@ def test_bench_command_with_plain_clip_baselines(name, encoder, tmp_path, tiny_c
     args = ["bench", name, "--data", str(data), "--model", str(tiny_clip), "--encoder", encoder, "--device", "cpu"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert f"({encoder})" in result.stdout and "mean" in result.stdout
+    assert f"({encoder}, float32)" in result.stdout and "mean" in result.stdout
 
 
 def test_clip_encodes_each_image_once_whatever_the_instructions(tmp_path):
@@ -408,6 +408,7 @@ def test_bench_command_passes_ties_and_tasks_and_records_them(tmp_path, tiny_foc
         ("sugarcrepe", ["--ties", "official"], "--ties applies only to genecis and mmvp-vlm, not to sugarcrepe"),
         ("mmvp-vlm", ["--task", "focus_object"], "--task applies only to genecis, not to mmvp-vlm"),
         ("genecis", ["--task", "focus_colour"], "unknown task 'focus_colour'"),
+        ("mmvp-vlm", ["--encoder", "text-only"], "--encoder text-only applies only to genecis, not to mmvp-vlm"),
     ],
 )
 def test_bench_option_errors_are_one_line_before_loading_a_model(name, options, message, tmp_path):
@@ -493,3 +494,181 @@ def test_bench_report_takes_everything_after_the_metrics_by_name():
 
     with pytest.raises(TypeError):
         BenchReport("b", "m", "e", {}, {}, {"items": 1})  # once, a details dict landed in reference_model
+
+
+# -- issue 23 item 10: the official baselines, exactly ---------------------------------------------------------
+def _exif_rotated_jpeg(path, outer, inner):
+    """A 100 x 80 stored JPEG in colour ``outer`` with ``inner`` where x >= 40 and y >= 40, and EXIF
+    Orientation 6 (shown turned 90 degrees clockwise: 80 x 100, ``inner`` then at the lower left)."""
+    image = Image.new("RGB", (100, 80), PALETTE[outer])
+    image.paste(Image.new("RGB", (60, 40), PALETTE[inner]), (40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def _share(pixels, colour):
+    """Share of the non-black pixels nearest to ``colour`` in PALETTE."""
+    pixels = np.asarray(pixels, dtype=np.float32).reshape(-1, 3)
+    pixels = pixels[pixels.sum(1) > 60]
+    nearest = np.argmin([np.abs(pixels - c).sum(1) for c in PALETTE.values()], axis=0)
+    return float(np.mean(nearest == NAMES.index(colour)))
+
+
+def test_benchmark_images_keep_their_stored_pixels_as_the_official_loaders_do(tmp_path):
+    from focalsearch.bench.common import load_rgb
+    from focalsearch.bench.genecis import _loader
+    from focalsearch.images import load_image
+
+    path = _exif_rotated_jpeg(tmp_path / "vg" / "VG_100K_all" / "7.jpg", "red", "blue")
+    assert load_image(path).image.size == (80, 100)  # indexing applies the EXIF orientation
+    assert load_rgb(path, "test").size == (100, 80)  # benchmarks do not, as Image.open(p).convert('RGB')
+    crop = _loader(tmp_path)(("vg", 7, (60.0, 50.0, 20.0, 10.0)))
+    # The official VAW loader: Image.open, crop (46, 43, 80, 60) from the stored pixels, pad to a black square.
+    with Image.open(path) as raw:
+        official = raw.crop((46, 43, 80, 60))
+    expected = Image.new("RGB", (34, 34), (0, 0, 0))
+    expected.paste(official, (0, 8))
+    assert crop.size == (34, 34)
+    np.testing.assert_array_equal(np.asarray(crop), np.asarray(expected.convert("RGB")))
+    assert _share(crop, "blue") > 0.95
+    # Cropped after the EXIF turn, the same box lands on red: the test tells the two readings apart.
+    assert _share(crop_instance(load_image(path).image, [60, 50, 20, 10]), "red") > 0.95
+
+
+def test_genecis_attribute_crops_come_from_the_unrotated_pixels(tmp_path):
+    data = write_genecis(tmp_path)
+    path = data / "genecis" / "focus_attribute.json"
+    records = json.loads(path.read_text())
+    for record in records:  # each reference: its own colour (the target's) only in the stored pixels' box
+        colour = NAMES[records.index(record) % len(NAMES)]
+        decoy = "yellow" if colour != "yellow" else "green"
+        _exif_rotated_jpeg(data / "vg" / "VG_100K_all" / f"{record['reference']['image_id']}.jpg", decoy, colour)
+        record["reference"]["instance_bbox"] = [60, 50, 20, 10]
+    path.write_text(json.dumps(records))
+    report = run_benchmark("genecis", PerfectEncoder(), data, tasks=["focus_attribute"])
+    assert report.metrics["focus_attribute/R@1"] == 100.0  # rotated first, every reference would read yellow
+
+
+@pytest.mark.parametrize("name", ["mmvp-vlm", "sugarcrepe"])
+def test_mmvp_and_sugarcrepe_read_images_without_exif_orientation(name, tmp_path):
+    class Sizes(PerfectEncoder):
+        seen: list = []
+
+        def preprocess(self, images):
+            Sizes.seen.extend(image.size for image in images)
+            return super().preprocess(images)
+
+    data = WRITERS[name](tmp_path)
+    first = next(iter(sorted(data.rglob("1.jpg")) or sorted(data.rglob("000000000001.jpg"))))
+    _exif_rotated_jpeg(first, "red", "red")
+    run_benchmark(name, Sizes(), data)
+    assert (100, 80) in Sizes.seen and (80, 100) not in Sizes.seen
+
+
+class TextOnlyFake(PerfectEncoder):
+    encoder = "clip"
+
+    def encode_pixels(self, pixels, instruction=""):
+        assert instruction == ""  # the text-only baseline scores plain image features
+        return super().encode_pixels(pixels, instruction)
+
+
+def test_genecis_text_only_baseline_ranks_candidates_by_the_condition_text_alone(tmp_path):
+    data = write_genecis(tmp_path)
+    for task in TASKS:  # record n's reference and target are NAMES[n]; every gallery holds the other three
+        path = data / "genecis" / f"{task}.json"
+        records = json.loads(path.read_text())
+        records[0]["condition"] = "red"  # names the target: rank 1
+        records[1]["condition"] = "blue"  # names a gallery image; the target ties with two others, listed first: rank 2
+        records[2]["condition"] = "yellow"  # names a gallery image: rank 2
+        path.write_text(json.dumps(records))
+    report = run_benchmark("genecis", TextOnlyFake(), data, baseline="text-only")
+    assert report.encoder == "text-only" and "text-only" in report.details["query"]
+    for task in TASKS:
+        assert report.metrics[f"{task}/R@1"] == pytest.approx(100 / 3) and report.metrics[f"{task}/R@2"] == 100.0
+    image_only = run_benchmark("genecis", TextOnlyFake(), data)  # the same encoder as clip: the reference image
+    assert image_only.metrics["mean/R@1"] == 100.0
+
+
+def test_genecis_text_only_scores_exactly_as_the_official_formula(tmp_path, tiny_clip):
+    from focalsearch.bench.genecis import _loader, read_task
+    from focalsearch.models import create_encoder
+
+    data = write_genecis(tmp_path, items_per_task=4)
+    words = ["colour", "a red thing", "shape", "the blue one"]
+    for task in TASKS:
+        path = data / "genecis" / f"{task}.json"
+        records = json.loads(path.read_text())
+        for record, word in zip(records, words):
+            record["condition"] = word
+        path.write_text(json.dumps(records))
+    encoder = create_encoder(str(tiny_clip), encoder="clip", device="cpu", precision="float32")
+    report = run_benchmark("genecis", encoder, data, baseline="text-only")
+    load, every = _loader(data), []
+    for task in TASKS:
+        ranks = []
+        for item in read_task(data, task):
+            # FeatureComb("text_only"): query = normalise(text feature of the condition); gallery: normalised image features.
+            query = l2_normalize(encoder.raw_text_features([item["condition"]]))[0]
+            gallery = l2_normalize(encoder.raw_image_features(encoder.preprocess([load(k) for k in item["candidates"]])))
+            order = np.argsort(-(gallery @ query), kind="stable")  # descending, ties in list order
+            ranks.append(int(np.flatnonzero(order == 0)[0]) + 1)
+        for k in (1, 2, 3):
+            assert report.metrics[f"{task}/R@{k}"] == pytest.approx(recall_at_k(ranks, k), abs=1e-9), (task, k, ranks)
+        every.extend(ranks)
+    assert len(set(every)) > 1  # the targets do not all rank alike: the comparison has something to check
+
+
+def test_bench_genecis_text_only_from_the_command_line(tmp_path, tiny_clip):
+    data = write_genecis(tmp_path / "data")
+    out = tmp_path / "report.json"
+    args = ["bench", "genecis", "--data", str(data), "--model", str(tiny_clip), "--encoder", "text-only", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(text-only, float32)" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["encoder"] == "text-only" and report["query"].startswith("the instruction's text feature alone")
+
+
+@pytest.mark.parametrize("name", ["mmvp-vlm", "sugarcrepe"])
+def test_bench_on_a_plain_clip_checkpoint_defaults_to_plain_clip_for_mmvp_and_sugarcrepe(name, tmp_path, tiny_clip):
+    data = WRITERS[name](tmp_path / "data")
+    reports = {}
+    for encoder in ("auto", "clip", "clip+text"):
+        out = tmp_path / f"{encoder}.json"
+        args = ["bench", name, "--data", str(data), "--model", str(tiny_clip), "--device", "cpu", "--json", str(out)]
+        result = runner.invoke(app, [*args, "--encoder", encoder])
+        assert result.exit_code == 0, result.output
+        reports[encoder] = json.loads(out.read_text())
+    assert reports["auto"]["encoder"] == "clip"
+    assert reports["auto"]["metrics"] == reports["clip"]["metrics"]
+    assert reports["clip+text"]["encoder"] == "clip+text"  # still there when asked for
+
+
+def test_bench_genecis_on_a_plain_clip_checkpoint_keeps_the_image_plus_text_default(tmp_path, tiny_clip):
+    out = tmp_path / "report.json"
+    args = ["bench", "genecis", "--data", str(write_genecis(tmp_path / "data")), "--model", str(tiny_clip), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["encoder"] == "clip+text"
+
+
+def test_bench_scores_in_float32_by_default_and_records_the_precision(tmp_path, tiny_focal):
+    import torch
+
+    from focalsearch.models.encoders import compute_dtypes
+
+    data = write_mmvp(tmp_path / "data")
+    precisions = {}
+    for option in ([], ["--precision", "bfloat16"]):
+        out = tmp_path / "report.json"
+        args = ["bench", "mmvp-vlm", "--data", str(data), "--model", str(tiny_focal), "--device", "cpu", "--json", str(out)]
+        result = runner.invoke(app, [*args, *option], env={"FOCALSEARCH_PRECISION": "bfloat16"})
+        assert result.exit_code == 0, result.output
+        precisions[tuple(option)] = json.loads(out.read_text())["precision"]
+    assert precisions == {(): "float32", ("--precision", "bfloat16"): "bfloat16"}
+    # On a GPU float32 is float32 too (the search commands' "auto" would be bf16 there).
+    assert compute_dtypes(torch.device("cuda"), "float32") == (torch.float32, None)

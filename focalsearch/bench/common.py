@@ -23,6 +23,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from focalsearch.errors import UserError
 
@@ -46,12 +47,14 @@ class BenchReport:
     reference_model: str = "FocalLens-CLIP"
     details: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    precision: str | None = None  # the arithmetic the encoder scored in; set by registry.run_benchmark
 
     def to_dict(self) -> dict:
         return {
             "benchmark": self.benchmark,
             "model": self.model,
             "encoder": self.encoder,
+            **({"precision": self.precision} if self.precision else {}),
             "metrics": {k: round(v, 2) for k, v in self.metrics.items()},
             "reference": self.reference,
             "reference_model": self.reference_model,
@@ -67,7 +70,7 @@ class BenchReport:
         """Metric | ours | paper, one row per metric; references without a matching metric follow."""
         width = max([len(k) for k in self.metrics] + [len(k) for k in self.reference] + [6])
         lines = [
-            f"{self.benchmark}: {self.model} ({self.encoder})",
+            f"{self.benchmark}: {self.model} ({self.encoder}{', ' + self.precision if self.precision else ''})",
             f"{'metric':<{width}}  {'ours':>7}" + (f"  {'paper':>7}  (paper: {self.reference_model})" if self.reference else ""),
         ]
         for name, value in self.metrics.items():
@@ -161,13 +164,22 @@ def read_json(path: Path, benchmark: str):
 
 
 def load_rgb(path: Path, benchmark: str):
-    """Decode one benchmark image, or raise a one-line error naming it."""
-    from focalsearch.images import SkippedImage, load_image
+    """Decode one benchmark image as the official loaders do, or raise a one-line error naming it.
 
-    loaded = load_image(path)
-    if isinstance(loaded, SkippedImage):
-        raise BenchDataError(f"{benchmark}: cannot use image {path}: {loaded.reason}")
-    return loaded.image
+    The official GeneCIS, MMVP and SugarCrepe code opens an image with ``Image.open(path)`` and
+    converts it to RGB (in CLIP's preprocessing), and nothing more: no EXIF orientation. So a JPEG
+    whose EXIF says "rotate" keeps its stored pixels here, and a Visual Genome box is cropped from
+    those pixels. (Indexing applies EXIF orientation: focalsearch.images.load_image.) PIL's own
+    decompression-bomb limit applies, as it does there.
+    """
+    if not path.is_file():
+        raise BenchDataError(f"{benchmark}: cannot use image {path}: file not found")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BenchDataError(f"{benchmark}: cannot use image {path}: {reason}") from None
 
 
 # -- encoding ------------------------------------------------------------------------------------------

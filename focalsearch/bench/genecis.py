@@ -20,17 +20,24 @@ Protocol, against the official code (eval/evaluate.py, eval/eval_functions.py ``
   condition that the official code tokenises);
 - candidates are target + gallery, target first, as the official loaders build them; their
   L2-normalised embeddings are scored by dot product with the normalised query;
-- the query, by encoder: ``focallens`` encodes reference and candidates under the instruction;
-  ``clip`` is the official "image_only" baseline (the reference image alone); ``clip+text`` is the
-  official "image_plus_text" baseline (utils/model_utils.py ``FeatureComb`` at its default weight
-  0.5): normalise(0.5 * raw image + 0.5 * raw text), both CLIP embeddings taken *before*
-  normalisation. We use it here instead of our general ``clip+text`` encoder (the normalised sum of
-  the normalised embeddings) so that these figures compare with the published baseline;
+- images are read as the official loaders read them: ``Image.open`` and RGB, no EXIF orientation
+  (bench/common.py ``load_rgb``), so a Visual Genome box is cropped from the stored pixels;
+- the query, by encoder: ``focallens`` encodes reference and candidates under the instruction.
+  The official baselines are the three modes of utils/model_utils.py ``FeatureComb``, each scored
+  against the plain, normalised CLIP features of the candidates: ``clip`` is "image_only" (the
+  reference image alone); ``text-only`` (``--encoder text-only``, loads the checkpoint as plain
+  CLIP) is "text_only": normalise(text feature of the instruction), the reference image unused;
+  ``clip+text`` is "image_plus_text" at its default weight 0.5: normalise(0.5 * raw image + 0.5 *
+  raw text), both CLIP embeddings taken *before* normalisation. We use that here instead of our
+  general ``clip+text`` encoder (the normalised sum of the normalised embeddings) so that these
+  figures compare with the published baseline;
 - ties, ``--ties official`` (default): the official code sorts the scores with
   ``torch.sort(descending=True)``, target at position 0, on CUDA. PyTorch does not promise a
-  stable order there (``stable=False``); we take the stable reading, under which a candidate tying
-  with the target ranks below it. It is what PyTorch's CPU sort does for lists this short (15
-  candidates in the object tasks; checked with torch 2.13 for up to 16 elements).
+  stable order there (``stable=False``), and CUDA's sort is not stable: in a model of its 32-slot
+  bitonic network (issue 23) the target won a tie with the last gallery item only 49 % of the time.
+  So "official" is our CPU-stable reading of it, under which a candidate tying with the target
+  ranks below it. It is what PyTorch's CPU sort does for lists this short (15 candidates in the
+  object tasks; checked with torch 2.13 for up to 16 elements).
   This matters on real data: change_object.json record 19 lists its target again in the gallery.
   ``--ties pessimistic``: a candidate tying with the target ranks above it;
 - R@k per task is the share of queries whose target ranks k or better; "mean/R@k" is the unweighted
@@ -74,7 +81,9 @@ QUERY = {
     "focallens": "reference and candidates encoded under the instruction",
     "clip": "the reference image alone (GeneCIS's image-only baseline)",
     "clip+text": "normalise(0.5 * raw image + 0.5 * raw instruction text), GeneCIS's image+text baseline",
+    "text-only": "the instruction's text feature alone (GeneCIS's text-only baseline)",
 }
+BASELINES = ("text-only",)  # asked for with --encoder; the model is loaded as plain CLIP
 
 
 def crop_instance(image: Image.Image, bbox: list[float], dilation: float = DILATION) -> Image.Image:
@@ -215,6 +224,20 @@ def _scores_image_plus_text(encoder, tasks: dict[str, list[dict]], load, progres
     return scores
 
 
+def _scores_text_only(encoder, tasks: dict[str, list[dict]], load, progress: bool) -> dict[str, list[np.ndarray]]:
+    """Candidate scores per item for GeneCIS's text-only baseline (``FeatureComb`` "text_only"):
+    the query is the normalised text feature of the instruction alone, scored against the plain
+    (empty-instruction) normalised image features of the candidates; the reference image is unused."""
+    items = [item for group in tasks.values() for item in group]
+    vectors = encode_requests(encoder, {"": [key for item in items for key in item["candidates"]]}, load, progress=progress, desc=NAME)
+    instructions = list(dict.fromkeys(item["instruction"] for item in items))
+    texts = dict(zip(instructions, encoder.encode_texts(instructions)))
+    return {
+        task: [candidate_scores(texts[item["instruction"]], [vectors[(key, "")] for key in item["candidates"]]) for item in group]
+        for task, group in tasks.items()
+    }
+
+
 def run(
     encoder,
     data: Path,
@@ -224,8 +247,12 @@ def run(
     progress: bool = False,
     ties: str = "official",
     tasks: list[str] | None = None,
+    baseline: str | None = None,
 ) -> BenchReport:
-    """R@1/2/3 per task that can run, and their mean."""
+    """R@1/2/3 per task that can run, and their mean; ``baseline="text-only"`` runs GeneCIS's
+    text-only baseline with the encoder's plain CLIP features."""
+    if baseline is not None and baseline not in BASELINES:
+        raise BenchDataError(f"{NAME}: unknown baseline {baseline!r}; use one of: {', '.join(BASELINES)}")
     template = instruction or DEFAULT_TEMPLATE
     if "{condition}" not in template:
         raise BenchDataError(f"{NAME}: --instruction must contain {{condition}}, for example 'what is the {{condition}}?'")
@@ -233,7 +260,8 @@ def run(
     chosen, left_out = select_tasks(data, tasks, limit)
     for item in (item for items in chosen.values() for item in items):
         item["instruction"] = template.format(condition=item["condition"])
-    score = _scores_image_plus_text if encoder.info.encoder == "clip+text" else _scores_conditioned
+    label = baseline or encoder.info.encoder
+    score = {"text-only": _scores_text_only, "clip+text": _scores_image_plus_text}.get(label, _scores_conditioned)
     scores = score(encoder, chosen, _loader(data), progress)
     metrics: dict[str, float] = {}
     for task in chosen:
@@ -245,11 +273,11 @@ def run(
         metrics[f"{mean_name}/R@{k}"] = mean(metrics[f"{task}/R@{k}"] for task in chosen)
     details = {
         "instruction_template": template,
-        "query": QUERY[encoder.info.encoder],
+        "query": QUERY[label],
         "ties": ties,
         "items": {task: len(items) for task, items in chosen.items()},
         "tasks_left_out": left_out,
     }
     notes = tuple(f"left out {task}: {reason}" for task, reason in left_out.items())
-    return BenchReport(NAME, encoder.info.model, encoder.info.encoder, metrics,
+    return BenchReport(NAME, encoder.info.model, label, metrics,
                        reference=dict(REFERENCE), details=details, notes=notes)

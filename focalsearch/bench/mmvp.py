@@ -11,6 +11,10 @@ Protocol, against the official script (github.com/tsb0601/MMVP, scripts/evaluate
   by position (Question ID, Type, Statement); blank lines are skipped. Unlike it, we check that
   the rows pair up (odd ID, next ID, same Type), since it derives the right image from the IDs;
 - the text is "a photo of " + statement, scored against both images of its pair;
+- images are read as the official script reads them: ``Image.open`` and RGB, no EXIF orientation;
+- the published baseline is plain CLIP (the official script scores OpenAI CLIP in float32), so on
+  a plain CLIP checkpoint ``--encoder auto`` runs ``clip`` here, and ``bench`` scores in float32
+  unless ``--precision`` says otherwise (the JSON records it);
 - ties, ``--ties official`` (default): the official script picks image 1 only when its softmax
   probability over the two images is above 0.5, i.e. when image 1 scores strictly higher (up to
   float32 rounding of the softmax), and image 2 otherwise. So an exact tie goes to image 2: it

@@ -1,10 +1,16 @@
 """The paper's benchmarks by name, each a module with ``run(encoder, data, *, instruction, limit, progress)``.
 
-Some take more options: ``ties`` (GeneCIS, MMVP-VLM) and ``tasks`` (GeneCIS).
+Some take more options: ``ties`` (GeneCIS, MMVP-VLM), ``tasks`` and ``baseline`` (GeneCIS).
+
+Which encoder a run uses, so that the default is the official baseline (see encoder_to_load):
+``--encoder auto`` is ``focallens`` on a FocalLens-CLIP checkpoint; on a plain CLIP checkpoint it
+is plain ``clip`` for MMVP-VLM and SugarCrepe, whose official scripts score plain CLIP, and
+``clip+text`` elsewhere. ``--encoder text-only`` is GeneCIS's text-only baseline (split_encoder).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -19,11 +25,47 @@ BENCHMARKS = {
     "colorshape": ("focalsearch.bench.colorshape", "run_report"),
 }
 NEEDS_DATA = {name for name in BENCHMARKS if name != "colorshape"}
-EXTRA_OPTIONS = {"genecis": ("ties", "tasks"), "mmvp-vlm": ("ties",)}
-_FLAGS = {"ties": "--ties", "tasks": "--task"}
+EXTRA_OPTIONS = {"genecis": ("ties", "tasks", "baseline"), "mmvp-vlm": ("ties",)}
+_FLAGS = {"ties": "--ties", "tasks": "--task", "baseline": "--encoder text-only"}
+BASELINES = ("text-only",)  # a benchmark's own baseline, asked for with --encoder; it loads plain CLIP
+PLAIN_CLIP_BY_DEFAULT = ("mmvp-vlm", "sugarcrepe")  # their official scripts score plain CLIP
 
 
-def check_options(name: str, data: Path | None = None, *, ties: str | None = None, tasks: list[str] | None = None) -> dict:
+def split_encoder(encoder: str) -> tuple[str, str | None]:
+    """(the encoder to load, the benchmark baseline asked for or None): ``text-only`` loads plain ``clip``."""
+    return ("clip", encoder) if encoder in BASELINES else (encoder, None)
+
+
+def is_focallens_checkpoint(model: str | None) -> bool:
+    """Whether the checkpoint is FocalLens-CLIP, from its config alone (no weights are read)."""
+    from focalsearch.models.focallens_clip import FocalLensCLIPConfig
+    from focalsearch.models.loading import load_config, resolve_model
+
+    return isinstance(load_config(resolve_model(model)), FocalLensCLIPConfig)
+
+
+def encoder_to_load(name: str, encoder: str, model: str | None) -> str:
+    """``--encoder`` as the benchmark runs it: ``auto`` on a plain CLIP checkpoint is ``clip`` for
+    MMVP-VLM and SugarCrepe (the official baselines); anything else is left to the encoder."""
+    if encoder == "auto" and name in PLAIN_CLIP_BY_DEFAULT and not is_focallens_checkpoint(model):
+        return "clip"
+    return encoder
+
+
+def scoring_precision(encoder) -> str:
+    """The arithmetic the encoder runs in: its autocast dtype where it has one, else its weights'."""
+    dtype = getattr(encoder, "autocast_dtype", None) or getattr(encoder, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+
+
+def check_options(
+    name: str,
+    data: Path | None = None,
+    *,
+    ties: str | None = None,
+    tasks: list[str] | None = None,
+    baseline: str | None = None,
+) -> dict:
     """The benchmark's extra options that were given, or a one-line error; cheap, so callers check before loading a model."""
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}; use one of: {', '.join(BENCHMARKS)}")
@@ -31,7 +73,9 @@ def check_options(name: str, data: Path | None = None, *, ties: str | None = Non
         raise UserError(f"{name} needs --data DIR (see README, 'Reproducing the paper')")
     if data is not None and name in NEEDS_DATA and not data.is_dir():
         raise UserError(f"{name}: --data {data} is not a folder")
-    given = {key: value for key, value in (("ties", ties), ("tasks", tasks)) if value}
+    if baseline and baseline not in BASELINES:
+        raise UserError(f"unknown baseline {baseline!r}; use one of: {', '.join(BASELINES)}")
+    given = {key: value for key, value in (("ties", ties), ("tasks", tasks), ("baseline", baseline)) if value}
     for key in given:
         if key not in EXTRA_OPTIONS.get(name, ()):
             takers = [n for n, keys in EXTRA_OPTIONS.items() if key in keys]
@@ -55,10 +99,13 @@ def run_benchmark(
     progress: bool = False,
     ties: str | None = None,
     tasks: list[str] | None = None,
+    baseline: str | None = None,
 ) -> BenchReport:
-    """Run one benchmark with a ConditionalEncoder (or anything with its interface)."""
-    extra = check_options(name, data, ties=ties, tasks=tasks)
+    """Run one benchmark with a ConditionalEncoder (or anything with its interface); the report
+    records the precision the encoder scored in."""
+    extra = check_options(name, data, ties=ties, tasks=tasks, baseline=baseline)
     module, function = BENCHMARKS[name]
-    return getattr(importlib.import_module(module), function)(
+    report = getattr(importlib.import_module(module), function)(
         encoder, data, instruction=instruction, limit=limit, progress=progress, **extra
     )
+    return dataclasses.replace(report, precision=scoring_precision(encoder))

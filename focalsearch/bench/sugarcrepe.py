@@ -7,7 +7,10 @@ Each file is a dict keyed by index: {"filename", "caption", "negative_caption"}.
 
 Protocol, as the official script (main_eval.py): an item is right when the image scores the caption
 strictly above the negative (``pos_score > neg_score``), and a subset's accuracy is the share of its
-items that are right. The official script reports only the seven subset accuracies; beside them we
+items that are right. Images are read as it reads them (``Image.open`` and RGB, no EXIF
+orientation). Its baseline is plain CLIP (OpenCLIP in float32), so on a plain CLIP checkpoint
+``--encoder auto`` runs ``clip`` here, and ``bench`` scores in float32 unless ``--precision`` says
+otherwise (the JSON records it). The official script reports only the seven subset accuracies; beside them we
 report, in percent:
 - per group (replace, swap, add) and "mean" over the seven subsets: *unweighted* means of subset
   accuracies, so a small subset (swap_obj, 245 items) counts as much as a large one (add_obj, 2,062);
