@@ -1,14 +1,15 @@
-"""Queries over several conditions against single ones, on the example collection with `demo`.
+"""Queries over several conditions (AND, NOT), every example image as the query, with `demo`.
 
-    python benchmarks/combined_conditions.py [--queries 20] [--k 3] [--json OUT]
+    python benchmarks/combined_conditions.py [--k 5] [--queries N] [--json OUT]
 
 Indexes examples/colorshape (120 images whose file names give colour, shape and background) under
-"color", "shape" and "background", then takes the first N images as queries (by image_id, so the
-query itself is left out) and counts, over their top-k hits, how many:
-- share both shape and background, under "shape" alone, "background" alone, and shape AND
-  background (weights 1, 1); only queries with at least k such images in the collection count;
-- share the shape but not the colour, under "shape" alone and shape but NOT colour (1, -1).
-Goals (tests/test_server.py asserts them too): shape AND background >= 90 % of top-3 hits share both.
+"color", "shape" and "background", then asks, with each image as the query (by image_id, so the
+query itself is left out), for every ordered pair A NOT B (weights 1, -1) and every pair A AND B
+(weights 1, 1), and counts the top-k hits that keep A and differ in B (NOT) or share both (AND),
+overall and per value of the query's B. Beside FocalSearch's fusion it scores the old one (a plain
+weighted sum of cosines, where NOT favours the most different), exhaustively over the same vectors.
+Goals (tests/test_search.py asserts them too): every A NOT B >= 98 % and >= 95 % for every value of
+B; every A AND B >= 93 %.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from focalsearch import FocalSearch
+from focalsearch.bench.combined import goals, measure, weighted_sum_ranking
 from focalsearch.store import row_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "colorshape" / "images"
-GOAL_AND = 0.90
+ATTRIBUTES = ("color", "shape", "background")
 
 
 def attributes(path: str | Path) -> dict[str, str]:
@@ -30,69 +34,54 @@ def attributes(path: str | Path) -> dict[str, str]:
     return {"color": color, "shape": shape, "background": background}
 
 
-def share_rate(engine: FocalSearch, queries: list[Path], conditions, k: int, test, eligible) -> tuple[int, int]:
-    """(hits passing ``test``, hits counted) over the top-k of each eligible query."""
-    passed = counted = 0
-    for query in queries:
-        if not eligible(query):
-            continue
-        hits = engine.search(image_id=row_id(str(query.resolve())), conditions=conditions, k=k).results
-        passed += sum(test(attributes(query), attributes(h.path)) for h in hits)
-        counted += k
-    return passed, counted
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=None, help="only the first N images as queries (all by default)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    names = sorted(EXAMPLES.iterdir())
-    queries = names[: args.queries]
+    paths = [str(p.resolve()) for p in sorted(EXAMPLES.iterdir())]
+    labels = [attributes(p) for p in paths]
     with tempfile.TemporaryDirectory() as folder:
         engine = FocalSearch(Path(folder) / "index", model="demo")
-        engine.index([EXAMPLES], instructions=["color", "shape", "background"])
+        engine.index([EXAMPLES], instructions=list(ATTRIBUTES))
+        position = {p: i for i, p in enumerate(paths)}
+        queries = range(len(paths) if args.queries is None else args.queries)
 
-        def same(*keys):
-            return lambda q, h: all(q[a] == h[a] for a in keys)
+        def fused(q, conditions, k):
+            hits = engine.search(image_id=row_id(paths[q]), conditions=conditions, k=k).results
+            return [position[h.path] for h in hits]
 
-        def has_k(*keys):
-            return lambda query: sum(n != query and same(*keys)(attributes(query), attributes(n)) for n in names) >= args.k
+        store = engine._open_store()
+        vectors = {}
+        for name in ATTRIBUTES:
+            found = store.vectors_by_id(engine.condition(name), [row_id(p) for p in paths])
+            vectors[name] = np.stack([found[row_id(p)] for p in paths])
 
-        def shape_not_color(q, h):
-            return q["shape"] == h["shape"] and q["color"] != h["color"]
-
-        rows = {
-            "shape AND background: share both": [
-                ("shape alone", [("shape", 1)]),
-                ("background alone", [("background", 1)]),
-                ("shape + background (1, 1)", [("shape", 1), ("background", 1)]),
-            ],
-            "shape NOT colour: same shape, other colour": [
-                ("shape alone", [("shape", 1)]),
-                ("shape - color (1, -1)", [("shape", 1), ("color", -1)]),
-            ],
+        reports = {
+            label: measure(ranking, labels, ATTRIBUTES, args.k, queries)
+            for label, ranking in (("focalsearch", fused), ("weighted sum (old)", weighted_sum_ranking(vectors)))
         }
-        tests = {"shape AND background: share both": (same("shape", "background"), has_k("shape", "background")),
-                 "shape NOT colour: same shape, other colour": (shape_not_color, lambda q: True)}
-        report = {}
-        for group, setups in rows.items():
-            test, eligible = tests[group]
-            print(f"{group} (top-{args.k} of the first {args.queries} images as queries)")
-            for label, conditions in setups:
-                passed, counted = share_rate(engine, queries, conditions, args.k, test, eligible)
-                rate = passed / counted if counted else 0.0
-                report[f"{group} | {label}"] = {"passed": passed, "counted": counted, "rate": round(rate, 3)}
-                print(f"  {label:<28} {passed:>3}/{counted:<3} {rate:6.1%}")
-        combined = report["shape AND background: share both | shape + background (1, 1)"]["rate"]
-        verdict = "holds" if combined >= GOAL_AND else "misses"
-        print(f"goal: shape AND background >= {GOAL_AND:.0%} of top-{args.k} hits share both: {combined:.1%}, {verdict}")
         engine.close()
+
+    now, before = reports["focalsearch"], reports["weighted sum (old)"]
+    print(f"top-{args.k} hits of {len(queries)} queries (each example image by image_id) that pass:")
+    print(f"  {'query':<26} {'focalsearch':>12} {'worst value of B':>24}   {'weighted sum (old)':>18} {'worst value':>20}")
+    for name, rate in now.items():
+        w, wr = rate.worst_value
+        ow, owr = before[name].worst_value
+        print(f"  {name:<26} {rate.passed:>4}/{rate.counted:<4} {rate.rate:5.1%} {w:>14} {wr:7.1%}   "
+              f"{before[name].passed:>4}/{before[name].counted:<4} {before[name].rate:6.1%} {ow:>12} {owr:7.1%}")
+    verdicts = goals(now)
+    for goal, holds in verdicts.items():
+        print(f"goal: {goal}: {'holds' if holds else 'misses'}")
     if args.json:
-        args.json.write_text(json.dumps({"queries": args.queries, "k": args.k, "rates": report,
-                                         "goal": {"shape_and_background": GOAL_AND, "holds": combined >= GOAL_AND}}, indent=2))
+        args.json.write_text(json.dumps({
+            "k": args.k, "queries": len(queries),
+            "rates": {label: {name: r.to_dict() for name, r in report.items()} for label, report in reports.items()},
+            "goals": verdicts,
+        }, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from focalsearch.errors import (
     UnknownImageError,
     UserError,
 )
-from focalsearch.images import DEFAULT_MAX_PIXELS, LoadedImage, open_query_image, source_exists
+from focalsearch.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERY_PIXELS, LoadedImage, open_query_image, source_exists
 from focalsearch.defaults import DEFAULT_INDEX_DIR, PRECISIONS
 from focalsearch.store import Condition, Store, damaged, is_index, quote_instruction, row_id
 
@@ -77,6 +77,16 @@ class SearchResult:
         }
 
 
+@dataclass(frozen=True)
+class ImagePage:
+    """One page of the indexed images, sorted by path: (image_id, path) pairs and the total count."""
+
+    total: int
+    offset: int
+    images: list[tuple[str, str]]
+    instruction: str | None  # the condition listed (the one with the most rows); None in an empty index
+
+
 MAX_CONDITIONS = 8
 
 
@@ -97,6 +107,7 @@ class FocalSearch:
         batch_size: int = 32,
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS,
         commit_seconds: float = 5.0,
         precision: str = "auto",
         threads: int | None = None,
@@ -104,11 +115,11 @@ class FocalSearch:
         if encoder not in _ENCODER_NAMES:
             raise UserError(f"unknown encoder {encoder!r}; use one of: {', '.join(_ENCODER_NAMES)}")
         if batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
+            raise UserError("batch_size must be at least 1")
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
         if commit_seconds < 0:
-            raise UserError("--commit-every must be 0 or more seconds")
+            raise UserError("commit_seconds must be 0 or more")
         from focalsearch import objectstore
 
         self.index_dir = str(index_dir).rstrip("/") if objectstore.is_uri(str(index_dir)) else Path(index_dir).expanduser()
@@ -118,6 +129,7 @@ class FocalSearch:
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
+        self.max_query_pixels = max_query_pixels  # a query image decoding at more pixels is refused
         self.commit_seconds = commit_seconds
         self.precision = precision
         self.threads = threads
@@ -126,6 +138,8 @@ class FocalSearch:
         self._index_locks: dict[str, threading.Lock] = {}
         self._encoders: dict[str, object] = {}  # by towers loaded: "both", "text", "vision"
         self._store: Store | None = None
+        self._listing: tuple | None = None  # ((table, version), ids, paths) of the images listed
+        self._listing_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -334,17 +348,22 @@ class FocalSearch:
         """Search by a query image (a path, or an already decoded LoadedImage), a text, or an indexed
         row's ``image_id``, under one ``instruction`` or several weighted ``conditions``.
 
-        With several conditions, a row's score is the weighted sum of its cosines to the query under
-        each: ``[("shape", 1), ("background", 1)]`` asks for the same shape AND background,
-        ``[("shape", 1), ("color", -1)]`` for the same shape but NOT the same colour.
+        With several conditions, ``[("shape", 1), ("background", 1)]`` asks for the same shape AND
+        background: a positive weight adds weight × the row's cosine under it. ``[("shape", 1),
+        ("color", -1)]`` asks for the same shape but NOT the same colour: a negative weight subtracts
+        |weight| × how much the row is the same as the query under it (0 for rows that are not,
+        however different; see ``search.sameness``), so it never favours the most different.
         """
+        if instruction is None and not conditions:
+            indexed = ", ".join(quote_instruction(c.instruction) for c in self._open_store().conditions()) or "none"
+            raise UserError(f"give an instruction or weighted conditions to search under (indexed: {indexed})")
         wanted = self._weighted(instruction, conditions)
         if sum(q is not None for q in (image, text, image_id)) != 1:
-            raise UserError("give one query: an image, --text, or an image_id")
+            raise UserError("give one query: an image, a text, or an image_id")
         if text is not None and not text.strip():
-            raise UserError("empty text query; give some words with --text")
+            raise UserError("empty text query; give some words")
         if k < 1:
-            raise UserError("-k must be at least 1")
+            raise UserError("k must be at least 1")
         if offset < 0:
             raise UserError("offset must be 0 or more")
         if isinstance(image, (str, Path)) and not source_exists(image):
@@ -405,7 +424,7 @@ class FocalSearch:
             if isinstance(image, (str, Path)):
                 exclude_id = row_id(str(loaded.stat.path))
             vectors = [self._encode_image(condition, loaded.image) for condition, _ in resolved]
-        parts = [QueryPart(c, index, v, w) for (c, w), index, v in zip(resolved, indexes, vectors)]
+        parts = [QueryPart(c, index, v, w, from_text=text is not None) for (c, w), index, v in zip(resolved, indexes, vectors)]
         # Serving (batching on), many queries run at once: one FAISS thread each beats splitting each one.
         hits = fused_search(store, parts, k, offset=offset, exclude_id=exclude_id, threads=1 if self._batcher else None)
         first = resolved[0][0]
@@ -461,7 +480,9 @@ class FocalSearch:
             return image, str(image.stat.path)
         encoder = self._batcher.encoder if self._batcher is not None else self._encoder_for(resolved[0][0], image_query=True)
         # Decoded as indexing decodes: a large JPEG at reduced size, never more than the model needs.
-        return open_query_image(image, max_pixels=self.max_pixels, min_side=encoder.min_decode_side), str(image)
+        return open_query_image(
+            image, max_pixels=self.max_pixels, min_side=encoder.min_decode_side, max_query_pixels=self.max_query_pixels
+        ), str(image)
 
     def _condition_index(self, store: Store, condition: Condition):
         """The condition's search index, kept between queries while its table is unchanged."""
@@ -484,6 +505,37 @@ class FocalSearch:
     def image_path(self, image_id: str) -> str | None:
         """The path of an indexed image, by its row id (None when no condition has it)."""
         return self._open_store().path_of(image_id)
+
+    def images(self, *, offset: int = 0, limit: int = 50) -> ImagePage:
+        """A page of the indexed images, sorted by path, from the readable condition with the most rows.
+
+        Every condition of one indexing run holds the same images, so one table lists them all; a
+        condition indexed over fewer folders is passed over for a larger one. The sorted listing
+        (ids and paths, no vectors) is kept while that table's version is unchanged.
+        """
+        if offset < 0 or limit < 1:
+            raise UserError("offset must be 0 or more and limit at least 1")
+        store = self._open_store()
+        sizes, problem = [], None
+        for condition in store.conditions():
+            try:
+                sizes.append((store.count(condition), condition))
+            except DamagedIndexError as exc:
+                problem = problem or exc
+        if not sizes:
+            if problem is not None:
+                raise problem
+            return ImagePage(total=0, offset=offset, images=[], instruction=None)
+        condition = max(sizes, key=lambda pair: pair[0])[1]  # the first of the largest, in catalog order
+        with self._listing_lock:
+            key = (condition.table, store.version(condition))
+            if self._listing is None or self._listing[0] != key:
+                version, ids, paths = store.listing(condition)
+                self._listing = ((condition.table, version), ids, paths)
+            _, ids, paths = self._listing
+        window = slice(min(offset, len(ids)), min(offset + limit, len(ids)))
+        images = list(zip(ids[window].to_pylist(), paths[window].to_pylist()))
+        return ImagePage(total=len(ids), offset=offset, images=images, instruction=condition.instruction)
 
 
 def _pick_query_arithmetic(encoder, batch: int) -> None:

@@ -30,9 +30,14 @@ class Hit:
     image_id: str = ""
     scores: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """The file name: the path's last part (of a local path or an object URI)."""
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
     def to_dict(self) -> dict:
         return {
-            "rank": self.rank, "path": self.path, "score": round(self.score, 6), "image_id": self.image_id,
+            "rank": self.rank, "path": self.path, "name": self.name, "score": round(self.score, 6), "image_id": self.image_id,
             "scores": {k: round(v, 6) for k, v in self.scores.items()},
         }
 
@@ -45,6 +50,7 @@ class QueryPart:
     index: "ConditionIndex"
     vector: np.ndarray
     weight: float = 1.0
+    from_text: bool = False  # a text query: its cosines to images are on another scale than image to image
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class ConditionIndex:
     table_version: int
     data_files: dict = field(default_factory=dict)  # the table's data files it was built from (size, mtime)
     _positions: dict = field(default_factory=dict, repr=False, compare=False)  # row id -> position, filled on first use
+    _calibration: dict = field(default_factory=dict, repr=False, compare=False)  # see same_levels, filled on first use
 
     def stored_vector(self, image_id: str) -> np.ndarray | None:
         """A row's vector straight from a flat index (the same table version), or None where it cannot tell."""
@@ -274,12 +281,73 @@ def search_index(index: ConditionIndex, query: np.ndarray, k: int, *, instructio
 
 
 CANDIDATES_PER_CONDITION = 100  # at least; more when k + offset asks for more
+CALIBRATION_SAMPLE = 1024  # rows per condition whose cosines calibrate what "the same" means under it
+
+
+@dataclass(frozen=True)
+class SameLevels:
+    """What "the same" and "unrelated" look like under one condition, from a sample of its rows.
+
+    ``same`` is the median cosine of a row to its nearest other row (near neighbours under an
+    instruction share its answer); ``sample`` holds the sampled vectors, against which a query's
+    median cosine gives its "unrelated" level.
+    """
+
+    same: float
+    sample: np.ndarray
+
+
+def same_levels(store: Store, part: QueryPart) -> SameLevels:
+    """The condition's calibration, computed once per search index (it is derived from the same table version)."""
+    index = part.index
+    cached = index._calibration.get("levels")
+    if cached is not None:
+        return cached
+    rows = len(index.paths)
+    positions = np.unique(np.linspace(0, rows - 1, min(rows, CALIBRATION_SAMPLE)).astype(np.int64)) if rows else []
+    sample = np.zeros((0, part.condition.dim), dtype=np.float32)
+    if len(positions):
+        table = store.take_positions(part.condition, positions, ["vector"], version=index.table_version)
+        sample = table["vector"].combine_chunks().flatten().to_numpy().reshape(-1, part.condition.dim).astype(np.float32)
+    same = 1.0
+    if len(sample) >= 2:
+        scores, _ = ann.search(index.ann, sample, 2)
+        same = float(np.median(scores[:, -1]))  # the first hit is the row itself (or an identical twin)
+    levels = SameLevels(same, sample)
+    index._calibration["levels"] = levels
+    return levels
+
+
+def sameness(store: Store, part: QueryPart, cosines: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+    """How much each row is "the same as the query" under a condition: 0 up to the midway threshold, 1 at the same level.
+
+    The threshold lies halfway between the query's median cosine to the condition's rows (unrelated)
+    and the cosine of a typical nearest neighbour (the same). For an image query that level is the
+    collection's; a text query's cosines to images have their own scale, so its level is its own
+    best match under the condition.
+    """
+    levels = same_levels(store, part)
+    unrelated = float(np.median(levels.sample @ part.vector)) if len(levels.sample) else 0.0
+    same = levels.same
+    if part.from_text:
+        scores, _ = ann.search(part.index.ann, np.asarray(part.vector, dtype=np.float32), 1, threads=threads)
+        same = float(scores[0, 0]) if scores.size else same
+    if same <= unrelated:  # nothing stands out as the same: penalise nothing
+        return np.zeros_like(cosines)
+    threshold = (same + unrelated) / 2
+    return np.clip((cosines - threshold) / (same - threshold), 0.0, 1.0)
 
 
 def fused_search(
     store: Store, parts: list[QueryPart], k: int, *, offset: int = 0, exclude_id: str | None = None, threads: int | None = None
 ) -> list[Hit]:
-    """Rank by the weighted sum of a row's cosines under several conditions (design §3b).
+    """Rank several weighted conditions at once (design §3b).
+
+    A positive weight adds weight × the row's cosine to the query under that condition. A negative
+    weight means NOT the same: it subtracts |weight| × the row's sameness under that condition
+    (see ``sameness``), which is 0 for rows no more alike than midway between unrelated and the
+    same, so it removes what really is the same and leaves the ranking among the rest to the
+    positive conditions, instead of favouring whatever is most different.
 
     Candidates are the union of each positively weighted condition's nearest rows; every candidate
     is then scored exactly under every condition, with its vectors read from each table at the
@@ -303,19 +371,25 @@ def fused_search(
     candidates.pop(exclude_id, None)
     ids = list(candidates)
     per_condition: dict[str, dict[str, float]] = {i: {} for i in ids}
-    fused = dict.fromkeys(ids, 0.0)
+    fused = np.zeros(len(ids))
+    present = np.ones(len(ids), dtype=bool)
     for part in parts:
         vectors = store.vectors_by_id(part.condition, ids, version=part.index.table_version)
-        for row in ids:
+        cosines = np.zeros(len(ids))
+        for j, row in enumerate(ids):
             vector = vectors.get(row)
             if vector is None:
-                fused.pop(row, None)
+                present[j] = False
                 continue
-            cosine = float(vector @ part.vector)
-            per_condition[row][part.condition.instruction] = cosine
-            if row in fused:
-                fused[row] += part.weight * cosine
-    ranked = sorted(fused.items(), key=lambda item: (-item[1], candidates[item[0]]))[offset:offset + k]
+            cosines[j] = float(vector @ part.vector)
+            per_condition[row][part.condition.instruction] = float(cosines[j])
+        if part.weight > 0:
+            fused += part.weight * cosines
+        else:
+            fused += part.weight * sameness(store, part, cosines, threads=threads)
+    ranked = sorted(
+        ((ids[j], float(fused[j])) for j in np.flatnonzero(present)), key=lambda item: (-item[1], candidates[item[0]])
+    )[offset:offset + k]
     return [
         Hit(rank=offset + i + 1, path=candidates[row], score=score, image_id=row, scores=per_condition[row])
         for i, (row, score) in enumerate(ranked)
