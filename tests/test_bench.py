@@ -335,7 +335,7 @@ def test_genecis_official_ties_credit_the_target_listed_first(tmp_path):
     # As in change_object.json record 19: the target listed again in the gallery ties with itself.
     path = data / "genecis" / "change_object.json"
     records = json.loads(path.read_text())
-    records[0]["gallery"].append(records[0]["target"])
+    records[0]["gallery"][-1] = records[0]["target"]  # the gallery keeps its length: the record is kept
     path.write_text(json.dumps(records))
     assert run_benchmark("genecis", PerfectEncoder(), data).metrics["change_object/R@1"] == 100.0
     tied = run_benchmark("genecis", PerfectEncoder(), data, ties="pessimistic").metrics
@@ -610,7 +610,7 @@ def test_genecis_text_only_scores_exactly_as_the_official_formula(tmp_path, tiny
     load, every = _loader(data), []
     for task in TASKS:
         ranks = []
-        for item in read_task(data, task):
+        for item in read_task(data, task)[0]:
             # FeatureComb("text_only"): query = normalise(text feature of the condition); gallery: normalised image features.
             query = l2_normalize(encoder.raw_text_features([item["condition"]]))[0]
             gallery = l2_normalize(encoder.raw_image_features(encoder.preprocess([load(k) for k in item["candidates"]])))
@@ -672,3 +672,27 @@ def test_bench_scores_in_float32_by_default_and_records_the_precision(tmp_path, 
     assert precisions == {(): "float32", ("--precision", "bfloat16"): "bfloat16"}
     # On a GPU float32 is float32 too (the search commands' "auto" would be bf16 there).
     assert compute_dtypes(torch.device("cuda"), "float32") == (torch.float32, None)
+
+
+def test_bench_corrupt_image_is_a_one_line_error(tmp_path, tiny_clip):
+    data = write_mmvp(tmp_path / "data")
+    (data / "MLLM_VLM Images" / "Color" / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    result = runner.invoke(app, ["bench", "mmvp-vlm", "--data", str(data), "--model", str(tiny_clip), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "cannot use image" in result.stderr and "2.jpg" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_genecis_drops_records_whose_gallery_length_is_not_the_most_common_as_the_official_loaders(tmp_path):
+    data = write_genecis(tmp_path, items_per_task=4)
+    path = data / "genecis" / "focus_object.json"
+    records = json.loads(path.read_text())
+    records[1]["gallery"] = records[1]["gallery"][:2]  # 2 instead of 3: dropped, though its target would rank first
+    path.write_text(json.dumps(records))
+    report = run_benchmark("genecis", PerfectEncoder(), data, limit=2)
+    assert report.details["records_dropped"] == {"focus_attribute": 0, "change_attribute": 0, "focus_object": 1, "change_object": 0}
+    assert report.details["items"]["focus_object"] == 2  # --limit 2 takes records 0 and 2, the first two kept
+    assert "focus_object: dropped 1 records whose gallery length is not the most common" in report.table()
+    from focalsearch.bench.genecis import modal_gallery_length
+
+    assert modal_gallery_length([{"gallery": [1, 2]}, {"gallery": [1]}, {"gallery": [3]}, {"gallery": [4, 5]}]) == 1  # a tie: the shorter

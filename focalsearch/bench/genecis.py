@@ -18,6 +18,9 @@ Protocol, against the official code (eval/evaluate.py, eval/eval_functions.py ``
   to a centred black square (datasets/vaw_dataset.py);
 - the instruction is the condition word put into the template (default "{condition}", the bare
   condition that the official code tokenises);
+- records: as the official loaders (datasets/coco_dataset.py, vaw_dataset.py) do, a record whose
+  gallery length is not the file's most common one is dropped; the JSON's "records_dropped" and a
+  note say how many;
 - candidates are target + gallery, target first, as the official loaders build them; their
   L2-normalised embeddings are scored by dot product with the normalised query;
 - images are read as the official loaders read them: ``Image.open`` and RGB, no EXIF orientation
@@ -113,14 +116,31 @@ def _image_key(ref, task: str, where: str) -> tuple:
     return ("vg", ref["image_id"], tuple(float(v) for v in bbox))
 
 
-def read_task(data: Path, task: str, limit: int | None = None) -> list[dict]:
-    """Validated records of one task: condition, reference key, candidate keys (target first)."""
+def modal_gallery_length(records: list) -> int | None:
+    """The gallery length the official loaders keep: the most common one (the smallest among equally
+    common ones, as ``np.unique`` then ``argmax``); None when no record has a gallery list."""
+    lengths = [len(r["gallery"]) for r in records if isinstance(r, dict) and isinstance(r.get("gallery"), list)]
+    if not lengths:
+        return None
+    values, counts = np.unique(lengths, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def read_task(data: Path, task: str, limit: int | None = None) -> tuple[list[dict], int]:
+    """(validated records of one task: condition, reference key, candidate keys (target first);
+    how many records were dropped). As the official loaders do, records whose gallery length is not
+    the file's most common one are dropped; ``limit`` then takes the first records that are kept."""
     path = require_file(data / "genecis" / f"{task}.json", NAME, f"{task} annotations")
     records = read_json(path, NAME)
     if not isinstance(records, list):
         raise BenchDataError(f"{NAME}: {path} must hold a list of records")
+    modal = modal_gallery_length(records)
+    numbered = [
+        (number, record) for number, record in enumerate(records)
+        if not (isinstance(record, dict) and isinstance(record.get("gallery"), list) and len(record["gallery"]) != modal)
+    ]
     items = []
-    for number, record in enumerate(limit_records(records, limit)):
+    for number, record in limit_records(numbered, limit):
         where = f"record {number}"
         if not isinstance(record, dict) or not all(k in record for k in ("condition", "reference", "target", "gallery")):
             raise BenchDataError(f"{NAME}: {task}.json {where}: needs condition, reference, target and gallery")
@@ -131,7 +151,7 @@ def read_task(data: Path, task: str, limit: int | None = None) -> list[dict]:
         items.append(
             {"condition": record["condition"], "reference": _image_key(record["reference"], task, f"{where} reference"), "candidates": candidates}
         )
-    return items
+    return items, len(records) - len(numbered)
 
 
 def _image_path(data: Path, key: tuple) -> Path:
@@ -148,19 +168,19 @@ def _loader(data: Path):
     return load
 
 
-def _why_not(data: Path, task: str, limit: int | None) -> tuple[list[dict], str | None]:
-    """(records, None) when the task can run, else ([], the reason it cannot)."""
+def _why_not(data: Path, task: str, limit: int | None) -> tuple[list[dict], int, str | None]:
+    """(records, records dropped, None) when the task can run, else ([], 0, the reason it cannot)."""
     folder = IMAGE_FOLDERS[task.rsplit("_", 1)[1]]
     if not (data / "genecis" / f"{task}.json").is_file():
-        return [], f"no annotations genecis/{task}.json"
+        return [], 0, f"no annotations genecis/{task}.json"
     if not (data / folder).is_dir():
-        return [], f"no image folder {folder}"
-    items = read_task(data, task, limit)
+        return [], 0, f"no image folder {folder}"
+    items, dropped = read_task(data, task, limit)
     paths = {_image_path(data, key) for item in items for key in (item["reference"], *item["candidates"])}
     missing = sorted(str(path.relative_to(data)) for path in paths if not path.is_file())
     if missing:
-        return [], f"{len(missing)} of {len(paths)} images missing, e.g. {missing[0]}"
-    return items, None
+        return [], 0, f"{len(missing)} of {len(paths)} images missing, e.g. {missing[0]}"
+    return items, dropped, None
 
 
 def check_task_names(asked: list[str] | None) -> None:
@@ -172,21 +192,22 @@ def check_task_names(asked: list[str] | None) -> None:
 
 def select_tasks(
     data: Path, asked: list[str] | None = None, limit: int | None = None
-) -> tuple[dict[str, list[dict]], dict[str, str]]:
-    """(records of each task that can run, reason for each task left out); ``asked`` tasks must all run."""
+) -> tuple[dict[str, list[dict]], dict[str, str], dict[str, int]]:
+    """(records of each task that can run, reason for each task left out, records dropped per task
+    that runs); ``asked`` tasks must all run."""
     check_task_names(asked)
-    tasks, left_out = {}, {}
+    tasks, left_out, dropped = {}, {}, {}
     for task in dict.fromkeys(asked or TASKS):
-        items, reason = _why_not(data, task, limit)
+        items, dropped_here, reason = _why_not(data, task, limit)
         if reason is None:
-            tasks[task] = items
+            tasks[task], dropped[task] = items, dropped_here
         elif asked:
             raise BenchDataError(f"{NAME}: cannot run {task}: {reason}")
         else:
             left_out[task] = reason
     if not tasks:
         raise BenchDataError(f"{NAME}: no task can run under {data}: " + "; ".join(f"{t}: {r}" for t, r in left_out.items()))
-    return tasks, left_out
+    return tasks, left_out, dropped
 
 
 def _scores_conditioned(encoder, tasks: dict[str, list[dict]], load, progress: bool) -> dict[str, list[np.ndarray]]:
@@ -257,7 +278,7 @@ def run(
     if "{condition}" not in template:
         raise BenchDataError(f"{NAME}: --instruction must contain {{condition}}, for example 'what is the {{condition}}?'")
     rank = stable_rank if check_ties(ties) == "official" else pessimistic_rank
-    chosen, left_out = select_tasks(data, tasks, limit)
+    chosen, left_out, dropped = select_tasks(data, tasks, limit)
     for item in (item for items in chosen.values() for item in items):
         item["instruction"] = template.format(condition=item["condition"])
     label = baseline or encoder.info.encoder
@@ -277,7 +298,10 @@ def run(
         "ties": ties,
         "items": {task: len(items) for task, items in chosen.items()},
         "tasks_left_out": left_out,
+        "records_dropped": dropped,
     }
     notes = tuple(f"left out {task}: {reason}" for task, reason in left_out.items())
+    notes += tuple(f"{task}: dropped {n} records whose gallery length is not the most common, as the official loaders do"
+                   for task, n in dropped.items() if n)
     return BenchReport(NAME, encoder.info.model, label, metrics,
                        reference=dict(REFERENCE), details=details, notes=notes)
