@@ -87,7 +87,7 @@ def test_query_by_image_returns_k_existing_paths_without_itself(collection):
     out = cli_json("query", query, "--instruction", "background", "-k", "7", "--index", collection["index"])
     assert set(out) == {"query", "instruction", "conditions", "model", "encoder", "k", "offset", "results"}
     assert out["conditions"] == [{"instruction": "background", "weight": 1.0}]
-    assert set(out["results"][0]) == {"rank", "path", "score", "image_id", "scores"}
+    assert set(out["results"][0]) == {"rank", "path", "name", "score", "image_id", "scores"}
     assert out["instruction"] == "background" and out["model"] == str(collection["focal"].resolve())
     assert [r["rank"] for r in out["results"]] == list(range(1, 8))
     assert all(Path(r["path"]).is_file() for r in out["results"])
@@ -139,7 +139,7 @@ def test_other_user_errors(collection, tiny_clip, tmp_path):
     assert_one_line_error(cli("query", query, "-i", "background", "--index", index, "--model", tiny_clip), 2, "built with model")
     assert_one_line_error(cli("query", collection["broken"][4], "-i", "background", "--index", index), 2, "cannot read query image")
     assert_one_line_error(cli("query", query, "--index", tmp_path / "none"), 2, "no index")
-    assert_one_line_error(cli("query", "-i", "background", "--index", index), 2, "give one query: an image, --text, or an image_id")
+    assert_one_line_error(cli("query", "-i", "background", "--index", index), 2, "give one query: an image, --text, or --image-id")
     assert_one_line_error(cli("index", tmp_path / "missing", "--index", tmp_path / "i2", "--model", tiny_clip), 2, "path not found")
     assert_one_line_error(cli("query", "--text", "x", "--index", index, "--precision", "half"), 2, "unknown precision 'half'")
     assert_one_line_error(cli("index", collection["photos"], "--index", index, "--encoder", "siglip"), 2, "unknown encoder 'siglip'")

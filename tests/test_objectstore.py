@@ -78,7 +78,7 @@ def test_index_query_and_update_images_in_a_bucket(s3, tmp_path, tiny_focal):
     from focalsearch.server.app import create_app
 
     application = create_app(index)
-    with TestClient(application) as client:
+    with TestClient(application, base_url="http://127.0.0.1") as client:  # a Host the server answers to
         assert client.get(f"/api/images/{row_id(added[0])}").content == (local / Path(added[0]).relative_to(f"s3:/{BUCKET}/photos")).read_bytes()
         assert client.get(f"/api/thumbnails/{row_id(added[0])}?size=32").headers["content-type"] == "image/jpeg"
         assert client.get(f"/api/images/{row_id(uris[0])}").status_code == 404  # deleted, and no longer indexed

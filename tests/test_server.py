@@ -23,6 +23,7 @@ from focalsearch.store import row_id
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "colorshape" / "images"
 runner = CliRunner()
+LOCAL = "http://127.0.0.1"  # the server answers only to the Host names of its own address (TestClient's default is "testserver")
 
 
 def attributes(path: str) -> dict[str, str]:
@@ -38,7 +39,7 @@ def served(tmp_path_factory):
                                      "--model", "demo", "--index", str(index)])
     assert result.exit_code == 0, result.output
     application = create_app(index, max_upload_bytes=2_000_000)
-    with TestClient(application) as client:
+    with TestClient(application, base_url=LOCAL) as client:
         yield {"client": client, "index": index, "app": application}
     application.state.engine.close()
 
@@ -223,7 +224,7 @@ def test_thumbnail_size_is_bounded(served):
 
 def test_a_token_guards_every_api_request(served):
     application = create_app(served["index"], token="s3cret", engine=served["app"].state.engine)
-    with TestClient(application) as client:
+    with TestClient(application, base_url=LOCAL) as client:
         assert client.get("/api/conditions").status_code == 401
         assert client.get("/api/conditions", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/api/conditions", headers={"Authorization": "Bearer s3cret"}).status_code == 200

@@ -13,6 +13,7 @@ import json
 import mimetypes
 import os
 from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,7 @@ from swagger_ui_bundle import swagger_ui_path
 from focalsearch import errors, objectstore
 from focalsearch.api import FocalSearch, SearchResult
 from focalsearch.images import LoadedImage, decode_image_bytes
+from focalsearch.server.security import HostPolicy, SiteGuard, loads_json, media_type
 from focalsearch.server.thumbnails import ThumbnailCache
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -127,6 +129,13 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
+def carries_token(request: Request, token: bytes) -> bool:
+    """Whether the request carries ``token``: ``Authorization: Bearer <token>`` or the page's cookie."""
+    header = request.headers.get("authorization", "")
+    offered = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
+    return hmac.compare_digest(offered.encode(), token)
+
+
 class _RequireToken:
     """Every /api request must carry the token: ``Authorization: Bearer <token>`` or the page's cookie."""
 
@@ -135,10 +144,7 @@ class _RequireToken:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/api"):
-            request = Request(scope)
-            header = request.headers.get("authorization", "")
-            offered = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
-            if not hmac.compare_digest(offered.encode(), self.token):
+            if not carries_token(Request(scope), self.token):
                 return await _error(401, "missing or wrong token: send Authorization: Bearer <token>")(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -152,8 +158,15 @@ def create_app(
     threads: int | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     engine: FocalSearch | None = None,
+    host: str = "127.0.0.1",
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The server for one index. Loads the model now, so the first query is as fast as the rest."""
+    """The server for one index. Loads the model now, so the first query is as fast as the rest.
+
+    ``host`` is the address it is bound to: with ``localhost`` and ``allowed_hosts`` it is what the
+    server answers to in the Host header (see focalsearch.server.security).
+    """
+    policy = HostPolicy(host, allowed_hosts)
     engine = engine or FocalSearch(index_dir, device=device, precision=precision, threads=threads)
     engine.conditions()  # fails now, with its one-line error, on a folder that is not an index
     engine.enable_batching()
@@ -167,6 +180,7 @@ def create_app(
 
     if token:
         app.add_middleware(_RequireToken, token=token)
+    app.add_middleware(SiteGuard, policy=policy)  # the outermost: Host, Origin and content type first
 
     @app.exception_handler(errors.FocalSearchError)
     async def focalsearch_error(request: Request, exc: errors.FocalSearchError):
@@ -193,24 +207,26 @@ def create_app(
         out = result.to_dict()
         out["query"] = query
         for hit in out["results"]:
-            hit["name"] = Path(hit["path"]).name
             hit["image"] = f"/api/images/{hit['image_id']}"
             hit["thumbnail"] = f"/api/thumbnails/{hit['image_id']}?size=256"
         return out
 
     async def read_query(request: Request, model: type[BaseModel]) -> tuple[BaseModel, LoadedImage | None, dict]:
         """The request's fields and, for a multipart upload, the decoded image; plus how to echo the query."""
-        kind = request.headers.get("content-type", "")
-        if kind.startswith("multipart/form-data"):
+        if media_type(request.headers.get("content-type", "")) == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=16)
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 raise errors.UserError("a multipart query needs an image file in the field 'image'")
-            fields = {}
-            for name in ("instruction", "conditions", "instructions", "k", "offset"):
-                value = form.get(name)
-                if isinstance(value, str) and value != "":
-                    fields[name] = json.loads(value) if name in ("conditions", "instructions") else value
+            fields = {}  # every other field, so that a misspelt one or a text beside the image is refused, not dropped
+            for name, value in form.multi_items():
+                if name == "image" or value == "":
+                    continue
+                if not isinstance(value, str):
+                    raise errors.UserError(f"only the field 'image' may hold a file, not {name[:64]!r}")
+                if name in fields:
+                    raise errors.UserError(f"the field {name[:64]!r} is given twice")
+                fields[name] = loads_json(value) if name in ("conditions", "instructions") else value
             body = model.model_validate(fields)
             data = await upload.read()
             loaded = decode_image_bytes(
@@ -221,7 +237,7 @@ def create_app(
                 raise errors.InvalidImageError(f"cannot read the uploaded image: {loaded.reason}")
             return body, loaded, {"upload": upload.filename or "upload"}
         try:
-            raw = await request.json()
+            raw = loads_json(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise errors.UserError("the request body is not valid JSON") from None
         if not isinstance(raw, dict):
@@ -240,7 +256,12 @@ def create_app(
 
     def query_of(body, upload: LoadedImage | None) -> dict:
         given = {"text": body.text, "image_id": body.image_id, "image": upload}
-        return {key: value for key, value in given.items() if value is not None}
+        query = {key: value for key, value in given.items() if value is not None}
+        if len(query) != 1:
+            given = " and ".join(key if key != "image" else "an upload" for key in query)
+            raise errors.UserError("give one query: text, image_id, or an image file in the field 'image'"
+                                   + (f"; this request gives {given}" if given else ""))
+        return query
 
     schema = {"content": {
         "application/json": {"schema": SearchBody.model_json_schema()},
@@ -254,9 +275,8 @@ def create_app(
         """One query (text, image_id or an uploaded image) under one instruction or weighted conditions."""
         body, upload, echo = await parse(request, SearchBody)
         conditions = [(c.instruction, c.weight) for c in body.conditions] if body.conditions else None
-        instruction = None if conditions else (body.instruction or "")
         result = await run_in_threadpool(
-            engine.search, **query_of(body, upload), instruction=instruction, conditions=conditions, k=body.k, offset=body.offset
+            engine.search, **query_of(body, upload), instruction=body.instruction, conditions=conditions, k=body.k, offset=body.offset
         )
         return JSONResponse(result_dict(result, echo))
 
@@ -316,7 +336,10 @@ def create_app(
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz(request: Request):
+        """Whether the server is up; with the token, also the index and the query-batching counters."""
+        if not token or not carries_token(request, token.encode()):
+            return {"status": "ok"}
         batcher = engine._batcher
         return {"status": "ok", "index": engine.location,
                 "queries_encoded": batcher.encoded, "forward_passes": batcher.batches}
