@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import statistics
@@ -132,6 +133,12 @@ def prepare_index(args, scratch: Path | None) -> dict:
             "synth_s": synth_s, "index_s": index_s, "index_images_per_s": report["images_per_second"]}
 
 
+# /healthz shows its batching counters only to token holders, so the server runs with a token
+# (as a server beside a browser should) and every request carries it.
+TOKEN = secrets.token_urlsafe(16)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -143,9 +150,10 @@ def start_server(index: str, port: int, log, timeout: float, workers: int = 1) -
     started = time.perf_counter()
     process = subprocess.Popen([*focalsearch_command(), "serve", "--index", index, "--host", "127.0.0.1", "--port", str(port),
                                 "--workers", str(workers)],
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "FOCALSEARCH_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}/healthz"
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=2.0, headers=AUTH) as client:
         while time.perf_counter() - started < timeout:
             if process.poll() is not None:
                 raise RuntimeError(f"focalsearch serve exited with {process.returncode} before answering /healthz")
@@ -233,7 +241,7 @@ def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmu
     latencies: list[float] = []
 
     def worker(total: int, record: bool) -> None:
-        with httpx.Client(timeout=timeout) as client:
+        with httpx.Client(timeout=timeout, headers=AUTH) as client:
             while True:
                 with lock:
                     number = next(numbers)
@@ -250,14 +258,14 @@ def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmu
         for future in [pool.submit(worker, warmup, False) for _ in range(concurrency)]:
             future.result()
         numbers = itertools.count()
-        passes = httpx.get(f"{queries.base}/healthz", timeout=timeout).json()
+        passes = httpx.get(f"{queries.base}/healthz", timeout=timeout, headers=AUTH).json()
         server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         for future in [pool.submit(worker, requests, True) for _ in range(concurrency)]:
             future.result()
         wall = time.perf_counter() - started
         server_cpu, client_cpu = process_cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
-        after = httpx.get(f"{queries.base}/healthz", timeout=timeout).json()
+        after = httpx.get(f"{queries.base}/healthz", timeout=timeout, headers=AUTH).json()
     encoded = after["queries_encoded"] - passes["queries_encoded"]
     forward_passes = after["forward_passes"] - passes["forward_passes"]
     ms = np.array(latencies) * 1000
@@ -272,7 +280,7 @@ def run_cell(queries: Queries, kind: str, concurrency: int, requests: int, warmu
 def first_requests(queries: Queries, timeout: float) -> dict[str, float]:
     """Milliseconds of one request of each kind (the first of its kind after start-up, bar the set-up searches)."""
     out = {}
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=AUTH) as client:
         for kind in KINDS:
             started = time.perf_counter()
             queries.send(client, kind, 0)
@@ -331,7 +339,7 @@ def main() -> None:
         with open(log_path, "wb") as log:
             process, startup_s = start_server(index, port, log, args.startup_timeout, args.workers)
             print(f"server start-up (process start to /healthz 200): {startup_s:.2f} s, on {base}", flush=True)
-            with httpx.Client(timeout=args.request_timeout) as client:
+            with httpx.Client(timeout=args.request_timeout, headers=AUTH) as client:
                 queries = Queries(base, client, args.uploads)
             upload_bytes = statistics.mean(len(data) for _, data in queries.pngs)
             first = first_requests(queries, args.request_timeout)
