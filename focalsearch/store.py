@@ -573,6 +573,13 @@ class Store:
         table = self._scan(condition, list(FILE_COLUMNS))
         return {row["path"]: FileRecord(**row) for row in table.to_pylist()}
 
+    def listing(self, condition: Condition) -> tuple[int, pa.Array, pa.Array]:
+        """(version, ids, paths) of every row of a condition, sorted by path (vectors are not read)."""
+        table = self._table(condition)
+        version = table.version
+        data = self._scan(condition, ["id", "path"], table).sort_by("path")
+        return version, data["id"].combine_chunks(), data["path"].combine_chunks()
+
     def add(self, condition: Condition, records: Sequence[FileRecord], vectors: np.ndarray) -> None:
         """Append rows whose ids are known not to be in the table, in one commit.
 

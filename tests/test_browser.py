@@ -6,7 +6,7 @@ by uvicorn on a loopback port, and the page is used as a person would: type, cli
 Needs Debian's `chromium` (or $FOCALSEARCH_CHROMIUM) and the `playwright` package; Playwright's own
 browser download is never used. Without them the tests skip, except under CI (CI=true), where a
 missing browser fails. Set FOCALSEARCH_SCREENSHOT_DIR to keep the compare view's screenshot
-(docs/compare.png is made with FOCALSEARCH_SCREENSHOT_DIR=docs).
+(docs/compare.png and docs/collection.png are made with FOCALSEARCH_SCREENSHOT_DIR=docs).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "colorshape"
 QUERY_IMAGE = EXAMPLES / "images" / "00014-blue-triangle-on-black.png"
 TOKEN = "s3cret-token_42"
 K = 12
+QUESTION = "what is the main object?"  # an instruction that ends with its own punctuation
+COLLECTION_PAGE = 48  # images per page of the collection grid (app.js)
 TIMEOUT_MS = 60_000  # a query on 2 busy CPU cores can take a few seconds; never a minute
 
 
@@ -66,7 +68,7 @@ def index_dir(tmp_path_factory) -> Path:
 
     index = tmp_path_factory.mktemp("browser") / "colorshape"
     built = CliRunner().invoke(
-        app, ["index", str(EXAMPLES), "-i", "color", "-i", "shape", "--model", "demo", "--index", str(index), "--json"]
+        app, ["index", str(EXAMPLES), "-i", "color", "-i", "shape", "-i", QUESTION, "--model", "demo", "--index", str(index), "--json"]
     )
     assert built.exit_code == 0, built.output
     return index
@@ -210,6 +212,21 @@ def _images_loaded(page, scope: str) -> bool:
     )
 
 
+def _watch(page) -> list[str]:
+    """What goes wrong while the page loads: console errors, failed requests, answers >= 400."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url} {r.failure}"))
+    page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+    return problems
+
+
+def _screenshot_dir(tmp_path: Path) -> Path:
+    shot_dir = Path(os.environ.get("FOCALSEARCH_SCREENSHOT_DIR") or tmp_path)
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    return shot_dir
+
+
 def _save_small_png(png: bytes, path: Path) -> None:
     """A screenshot as a 256-colour PNG: the page is flat colours, so this keeps it small and sharp."""
     import io
@@ -229,6 +246,7 @@ def test_search_more_like_this_instruction_switch_compare_and_phone_width(page, 
     assert page.locator('[data-testid="condition"]').evaluate_all("rows => rows.map(r => r.dataset.instruction)") == [
         "color",
         "shape",
+        QUESTION,
     ]
 
     # A text query, submitted with Enter.
@@ -291,9 +309,7 @@ def test_search_more_like_this_instruction_switch_compare_and_phone_width(page, 
     page.wait_for_function("() => [...document.querySelectorAll('#compare img')].every(i => i.complete)")
     assert _images_loaded(page, "#compare")
 
-    shot_dir = Path(os.environ.get("FOCALSEARCH_SCREENSHOT_DIR") or tmp_path)
-    shot_dir.mkdir(parents=True, exist_ok=True)
-    shot = shot_dir / "compare.png"
+    shot = _screenshot_dir(tmp_path) / "compare.png"
     page.evaluate("() => document.activeElement && document.activeElement.blur()")
     _save_small_png(page.screenshot(full_page=True), shot)
     assert 0 < shot.stat().st_size < 400_000
@@ -432,3 +448,109 @@ def test_damaged_conditions_are_shown_as_unavailable(page, server):
     assert damaged.locator(".cond-use").is_disabled()
     assert "unavailable: table files missing" in damaged.inner_text()
     assert page.locator('[data-testid="condition"][data-instruction="color"] .cond-use').is_checked()
+
+
+def _wait_collection(page, offset: int) -> list[dict]:
+    """Wait for the collection grid to show the page starting at `offset`; its images."""
+    page.wait_for_function(
+        "offset => { const el = document.querySelector('#collection');"
+        " return el.dataset.state === 'done' && el.dataset.offset === String(offset); }",
+        arg=offset,
+    )
+    return page.eval_on_selector_all(
+        '#collection [data-testid="collection-image"]',
+        "buttons => buttons.map(b => ({image_id: b.dataset.imageId, name: b.dataset.name,"
+        " thumbnail: b.querySelector('img').getAttribute('src')}))",
+    )
+
+
+def test_the_page_opens_on_the_collection_and_a_click_finds_more_like_it(page, server, tmp_path):
+    problems = _watch(page)
+    files = sorted((EXAMPLES / "images").glob("*.png"))
+    names = [f.name for f in files]
+    page.goto(server.url)
+    first = _wait_collection(page, 0)
+    assert page.is_visible("#collection-view") and page.is_hidden("#results-view") and page.is_hidden("#compare-view")
+    assert [c["name"] for c in first] == names[:COLLECTION_PAGE]  # sorted by path, a page at a time
+    assert all(c["thumbnail"] == f"/api/thumbnails/{c['image_id']}?size=256" for c in first)
+    assert page.inner_text("#collection-page") == f"1–{COLLECTION_PAGE} of {len(files)} images"
+    assert page.is_disabled("#collection-prev") and page.is_enabled("#collection-next")
+    page.wait_for_function("() => [...document.querySelectorAll('#collection img')].some(i => i.complete && i.naturalWidth > 0)")
+    assert _images_loaded(page, "#collection")
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    _save_small_png(page.screenshot(), _screenshot_dir(tmp_path) / "collection.png")
+
+    # Paging: every indexed image once, in path order, and Next stops at the end.
+    shown = list(first)
+    offset = 0
+    while page.is_enabled("#collection-next"):
+        page.click("#collection-next")
+        offset += COLLECTION_PAGE
+        shown += _wait_collection(page, offset)
+    assert offset == (len(files) - 1) // COLLECTION_PAGE * COLLECTION_PAGE
+    assert [c["name"] for c in shown] == names
+    assert [c["image_id"] for c in shown] == [_row_id(f) for f in files]
+    last_page = shown[offset:]
+    assert page.is_enabled("#collection-prev")
+
+    # A click on a listed image is "more like this" under the ticked instruction, with no file to hand.
+    _tick(page, "shape")
+    clicked = next(c for c in last_page if _attributes(c["name"])[1] == "star")
+    page.click(f'#collection [data-image-id="{clicked["image_id"]}"]')
+    shape = [{"instruction": "shape", "weight": 1}]
+    similar = _wait_results(page, f"image:{clicked['image_id']}", shape)
+    assert page.is_hidden("#collection-view") and page.is_visible("#results-view")
+    assert page.get_attribute("#query-summary", "data-image-id") == clicked["image_id"]
+    assert clicked["image_id"] not in {c["image_id"] for c in similar}
+    assert sum(_attributes(c["name"])[1] == "star" for c in similar) >= K * 3 // 4, [c["name"] for c in similar]
+    assert page.inner_text("#status").endswith("under shape.")
+
+    # An instruction that ends with "?" gets no second full stop.
+    _tick(page, QUESTION)
+    _wait_results(page, f"image:{clicked['image_id']}", [{"instruction": QUESTION, "weight": 1}])
+    status = page.inner_text("#status")
+    assert status.endswith(f"under {QUESTION}") and not status.endswith("?."), status
+
+    # Back returns to the collection, on the page the click came from; the button browses it too.
+    page.go_back()
+    assert _wait_collection(page, offset) == last_page
+    assert page.is_visible("#collection-view") and page.is_hidden("#results-view")
+    page.click(f'#collection [data-image-id="{last_page[0]["image_id"]}"]')
+    _wait_results(page, f"image:{last_page[0]['image_id']}", [{"instruction": QUESTION, "weight": 1}])
+    page.click("#browse")
+    assert _wait_collection(page, offset) == last_page
+    assert page.is_hidden("#browse")
+
+    # The listing API, against the same server: a bad limit is a 422 with one line, past the end is empty.
+    listed = page.request.get(f"{server.url}/api/images?offset=2&limit=3").json()
+    assert listed["total"] == len(files) and [i["name"] for i in listed["images"]] == names[2:5]
+    assert page.request.get(f"{server.url}/api/images?offset={len(files)}").json()["images"] == []
+    refused = page.request.get(f"{server.url}/api/images?limit=0")
+    assert refused.status == 422 and "limit" in refused.json()["error"]
+
+    # The favicon the page names exists, and so does /favicon.ico.
+    icon = page.get_attribute('link[rel="icon"]', "href")
+    for url in (f"{server.url}{icon}", f"{server.url}/favicon.ico"):
+        answer = page.request.get(url)
+        assert answer.status == 200 and answer.headers["content-type"].startswith("image/"), url
+    assert not problems, problems
+
+
+def test_docs_renders_the_api(page, server):
+    problems = _watch(page)
+    page.goto(f"{server.url}/docs")
+    # Swagger UI 4 showed only "Unable to render this definition" (a version pragma) for OpenAPI 3.1.
+    page.wait_for_selector(".opblock, .version-pragma, .errors-wrapper")
+    for failure in (".version-pragma", ".errors-wrapper"):
+        assert page.locator(failure).count() == 0, page.inner_text(failure)
+    search = page.locator(".opblock", has=page.locator('.opblock-summary-path[data-path="/api/search"]'))
+    search.wait_for()
+    paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+    assert {"/api/search", "/api/compare", "/api/conditions", "/api/images"} <= set(paths), paths
+    # Expanded, the operation shows its request body's schema.
+    search.locator(".opblock-summary").first.click()
+    body = search.locator(".opblock-body")
+    body.wait_for()
+    page.wait_for_function("() => document.querySelector('.opblock-body').innerText.includes('Request body')")
+    assert "application/json" in body.inner_text()
+    assert not problems, problems

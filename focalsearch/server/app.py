@@ -22,16 +22,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_swagger import resources as swagger_ui  # Swagger UI 5: reads OpenAPI 3.1
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from swagger_ui_bundle import swagger_ui_path
 
 from focalsearch import errors, objectstore
 from focalsearch.api import FocalSearch, SearchResult
 from focalsearch.images import LoadedImage, decode_image_bytes
 from focalsearch.server.security import HostPolicy, SiteGuard, loads_json, media_type
+from focalsearch.server.gallery import gallery_router
 from focalsearch.server.thumbnails import ThumbnailCache
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -354,7 +355,12 @@ def create_app(
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+    app.include_router(gallery_router(engine))
+    app.mount("/docs-assets", StaticFiles(directory=Path(swagger_ui.__file__).parent), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

@@ -31,6 +31,14 @@
     tokenInput: $("token-input"),
     tokenMessage: $("token-message"),
     dropOverlay: $("drop-overlay"),
+    browse: $("browse"),
+    collectionView: $("collection-view"),
+    collection: $("collection"),
+    collectionHint: $("collection-hint"),
+    collectionMessage: $("collection-message"),
+    collectionPrev: $("collection-prev"),
+    collectionNext: $("collection-next"),
+    collectionPage: $("collection-page"),
   };
 
   const state = {
@@ -39,7 +47,10 @@
     mode: "search",
     offset: 0,
     seq: 0, // bumps on every request; answers to older requests are dropped
+    collectionOffset: 0, // the first image of the collection page shown when there is no query
+    collectionSeq: 0,
   };
+  const COLLECTION_PAGE = 48;
   const files = new Map(); // history keys -> File objects (a File cannot go into history.state reliably)
   let fileCounter = 0;
 
@@ -144,6 +155,8 @@
   els.errorDismiss.addEventListener("click", hideError);
 
   const label = (instruction) => (instruction === "" ? "(no instruction)" : instruction);
+  // A sentence's full stop, unless it already ends in one (an instruction may end with "?").
+  const sentence = (text) => (/[.?!…]["”’)]*$/.test(text) ? text : `${text}.`);
   const describeQuery = (q) => (q.kind === "text" ? `“${q.text}”` : q.name || "the image");
 
   // ---------------------------------------------------------------------------------------------
@@ -169,7 +182,7 @@
     els.indexInfo.title = data.index ? String(data.index) : "";
     renderConditions();
     setStatus(state.conditions.length ? "" : "The index has no instructions yet.");
-    showIdleMessage();
+    showCollection();
   }
 
   function paragraph(text, className) {
@@ -286,8 +299,8 @@
 
   function historyState() {
     const q = state.query;
-    const query = q.kind === "file" ? { kind: "file", key: q.key, name: q.name } : { ...q };
-    return { focalsearch: true, query, mode: state.mode };
+    const query = !q ? null : q.kind === "file" ? { kind: "file", key: q.key, name: q.name } : { ...q };
+    return { focalsearch: true, query, mode: state.mode, collection: state.collectionOffset };
   }
 
   function newQuery(query) {
@@ -307,11 +320,12 @@
     }
     setMode(s.mode, { rerun: false });
     state.query = query;
+    state.collectionOffset = Number.isInteger(s.collection) && s.collection >= 0 ? s.collection : 0;
     els.text.value = query && query.kind === "text" ? query.text : "";
     if (query) run();
     else {
       renderSummary();
-      showIdleMessage();
+      showCollection();
     }
   });
 
@@ -395,32 +409,103 @@
     state.mode = mode;
     els.modeSearch.setAttribute("aria-pressed", String(mode === "search"));
     els.modeCompare.setAttribute("aria-pressed", String(mode === "compare"));
-    els.resultsView.hidden = mode !== "search";
-    els.compareView.hidden = mode !== "compare";
+    showViews();
     if (changed && rerun) {
-      if (state.query) {
-        history.replaceState(historyState(), "");
-        run();
-      } else {
-        showIdleMessage();
-      }
+      history.replaceState(historyState(), "");
+      if (state.query) run();
+      else showCollection();
     }
+  }
+
+  // Without a query the page shows the collection; with one, the results or the comparison.
+  function showViews() {
+    els.collectionView.hidden = Boolean(state.query);
+    els.resultsView.hidden = !state.query || state.mode !== "search";
+    els.compareView.hidden = !state.query || state.mode !== "compare";
+    els.browse.hidden = !state.query;
   }
 
   els.modeSearch.addEventListener("click", () => setMode("search"));
   els.modeCompare.addEventListener("click", () => setMode("compare"));
 
-  function showIdleMessage() {
+  // ---------------------------------------------------------------------------------------------
+  // The collection: every indexed image, a page at a time, shown while there is no query
+
+  els.browse.addEventListener("click", () => {
+    state.query = null;
+    els.text.value = "";
+    history.pushState(historyState(), "");
+    hideError();
+    renderSummary();
+    setStatus("");
+    showCollection();
+  });
+
+  function showCollection() {
     if (state.query) return;
-    const text = state.mode === "compare"
-      ? "Tick 2 to 4 instructions, then search: each gets its own column."
-      : "Type a description, drop an image or choose one to search.";
-    const [list, message] = state.mode === "compare" ? [els.compare, els.compareMessage] : [els.results, els.resultsMessage];
-    list.replaceChildren();
-    message.textContent = text;
-    message.classList.remove("is-error");
-    message.hidden = false;
+    showViews();
+    els.collectionHint.textContent = state.mode === "compare"
+      ? "Click an image to compare it under the ticked instructions (tick 2 to 4), or search above."
+      : "Click an image for more like it under the ticked instructions, or search above.";
+    loadCollection(state.collectionOffset);
   }
+
+  async function loadCollection(offset) {
+    const seq = ++state.collectionSeq;
+    const list = els.collection;
+    list.dataset.state = "loading";
+    list.setAttribute("aria-busy", "true");
+    let data;
+    try {
+      data = await api(`/api/images?offset=${offset}&limit=${COLLECTION_PAGE}`);
+    } catch (err) {
+      if (seq !== state.collectionSeq) return;
+      list.removeAttribute("aria-busy");
+      list.replaceChildren();
+      els.collectionMessage.textContent = `The collection could not be listed: ${err.message}`;
+      els.collectionMessage.classList.add("is-error");
+      els.collectionMessage.hidden = false;
+      els.collectionPrev.disabled = els.collectionNext.disabled = true;
+      els.collectionPage.textContent = "";
+      list.dataset.state = "error";
+      return;
+    }
+    if (seq !== state.collectionSeq) return;
+    list.removeAttribute("aria-busy");
+    const images = Array.isArray(data.images) ? data.images : [];
+    const total = Number.isInteger(data.total) ? data.total : images.length;
+    if (!images.length && total > 0 && offset > 0) {
+      // The index shrank under a page that no longer exists: show its last page instead.
+      state.collectionOffset = Math.max(0, Math.floor((total - 1) / COLLECTION_PAGE) * COLLECTION_PAGE);
+      if (!state.query) history.replaceState(historyState(), "");
+      return loadCollection(state.collectionOffset);
+    }
+    state.collectionOffset = offset;
+    list.replaceChildren(...images.map((r) => collectionCard(r)));
+    els.collectionMessage.classList.remove("is-error");
+    els.collectionMessage.hidden = images.length > 0;
+    els.collectionMessage.textContent = images.length
+      ? ""
+      : "The index has no images yet. Add some with focalsearch index FOLDER -i \"color\".";
+    els.collectionPrev.disabled = offset <= 0;
+    els.collectionNext.disabled = offset + images.length >= total;
+    els.collectionPage.textContent = images.length
+      ? `${offset + 1}–${offset + images.length} of ${total} images`
+      : "";
+    list.dataset.offset = String(offset);
+    list.dataset.total = String(total);
+    list.dataset.state = images.length ? "done" : "empty";
+    list.dataset.seq = String(Number(list.dataset.seq || "0") + 1);
+  }
+
+  function turnCollectionPage(step) {
+    state.collectionOffset = Math.max(0, state.collectionOffset + step * COLLECTION_PAGE);
+    history.replaceState(historyState(), "");
+    loadCollection(state.collectionOffset);
+    els.collectionView.scrollIntoView({ block: "start" });
+  }
+  els.collectionPrev.addEventListener("click", () => turnCollectionPage(-1));
+  els.collectionNext.addEventListener("click", () => turnCollectionPage(1));
 
   // ---------------------------------------------------------------------------------------------
   // Running a query
@@ -493,6 +578,7 @@
     clearTimeout(rerunTimer);
     const seq = ++state.seq;
     hideError();
+    showViews();
     renderSummary();
     if (state.mode === "compare") await runCompare(seq);
     else await runSearch(seq, append);
@@ -568,7 +654,7 @@
     }
     els.more.hidden = results.length < k;
     const under = weights.map((c) => (c.weight < 0 ? `not ${label(c.instruction)}` : label(c.instruction))).join(" + ");
-    setStatus(total ? `${total} results for ${describeQuery(state.query)} under ${under}.` : `No results under ${under}.`);
+    setStatus(sentence(total ? `${total} results for ${describeQuery(state.query)} under ${under}` : `No results under ${under}`));
     markDone(list, total ? "done" : "empty", { conditions: JSON.stringify(conditions) });
   }
 
@@ -607,7 +693,7 @@
       message.textContent = "The comparison returned no columns.";
       message.classList.remove("is-error");
     }
-    setStatus(`Compared ${columns.map((c) => label(c.instruction)).join(", ")} for ${describeQuery(state.query)}.`);
+    setStatus(sentence(`Compared ${columns.map((c) => label(c.instruction)).join(", ")} for ${describeQuery(state.query)}`));
     markDone(box, columns.length ? "done" : "empty", { instructions: JSON.stringify(instructions) });
   }
 
@@ -629,13 +715,12 @@
 
   const fmt = (x) => (typeof x === "number" && Number.isFinite(x) ? x.toFixed(3) : "–");
 
-  function resultCard(r, conditions) {
-    const item = document.createElement("li");
-    item.className = "result-item";
+  // A thumbnail button that searches by its image ("more like this"); `testid` tells lists apart.
+  function imageButton(r, testid) {
     const button = document.createElement("button");
     button.type = "button";
     button.className = "result";
-    button.dataset.testid = "result";
+    button.dataset.testid = testid;
     button.dataset.imageId = r.image_id;
     button.dataset.name = r.name || "";
     button.title = `More like ${r.name || "this"}`;
@@ -652,13 +737,29 @@
     const name = document.createElement("span");
     name.className = "result-name";
     name.textContent = r.name || r.image_id;
+    button.append(img, name);
+    button.addEventListener("click", () => searchByImage(r.image_id, r.name));
+    return button;
+  }
+
+  function collectionCard(r) {
+    const item = document.createElement("li");
+    item.className = "result-item";
+    item.append(imageButton(r, "collection-image"));
+    return item;
+  }
+
+  function resultCard(r, conditions) {
+    const item = document.createElement("li");
+    item.className = "result-item";
+    const button = imageButton(r, "result");
 
     const score = document.createElement("span");
     score.className = "result-score";
     score.dataset.testid = "result-score";
     score.textContent = `score ${fmt(r.score)}`;
 
-    button.append(img, name, score);
+    button.append(score);
     if (conditions.length > 1 && r.scores && typeof r.scores === "object") {
       const scores = document.createElement("span");
       scores.className = "result-scores";
@@ -668,7 +769,6 @@
         .join(" · ");
       button.append(scores);
     }
-    button.addEventListener("click", () => searchByImage(r.image_id, r.name));
     item.append(button);
     return item;
   }
@@ -676,6 +776,6 @@
   // ---------------------------------------------------------------------------------------------
 
   setMode("search", { rerun: false });
-  history.replaceState({ focalsearch: true, query: null, mode: state.mode }, "");
+  history.replaceState(historyState(), "");
   loadConditions();
 })();
