@@ -477,6 +477,10 @@ def test_the_page_opens_on_the_collection_and_a_click_finds_more_like_it(page, s
     assert page.is_disabled("#collection-prev") and page.is_enabled("#collection-next")
     page.wait_for_function("() => [...document.querySelectorAll('#collection img')].some(i => i.complete && i.naturalWidth > 0)")
     assert _images_loaded(page, "#collection")
+    page.wait_for_function(  # the thumbnails in view, for the screenshot
+        "() => [...document.querySelectorAll('#collection img')].filter(i => i.getBoundingClientRect().top < innerHeight)"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
     page.evaluate("() => document.activeElement && document.activeElement.blur()")
     _save_small_png(page.screenshot(), _screenshot_dir(tmp_path) / "collection.png")
 
