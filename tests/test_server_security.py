@@ -180,7 +180,7 @@ def test_host_policy_of_a_server_bound_to_every_address():
 # --- 4. bad bodies are 4xx, always --------------------------------------------------------------
 
 
-def test_deeply_nested_bodies_are_400_without_a_traceback(server):
+def test_deeply_nested_and_overlong_bodies_are_400_without_a_traceback(server):
     nested = b"[" * 100_000 + b"]" * 100_000  # 200 KB
     for body in (nested, b'{"text": "red", "instruction": "shape", "conditions": ' + nested + b"}"):
         response = server.request("POST", "/api/search", content=body, headers={"content-type": "application/json"})
@@ -193,6 +193,9 @@ def test_deeply_nested_bodies_are_400_without_a_traceback(server):
     form = server.request("POST", "/api/search", files={"image": ("a.png", b"x", "image/png")},
                           data={"conditions": "[" * 100_000 + "]" * 100_000})
     assert form.status_code == 400 and "nested too deeply" in form.json()["error"]
+    long_number = b'{"text": "red", "instruction": "shape", "k": ' + b"1" * 5000 + b"}"  # past int()'s digit limit: a ValueError
+    too_long = server.request("POST", "/api/search", content=long_number, headers={"content-type": "application/json"})
+    assert too_long.status_code == 400 and "number too long" in too_long.json()["error"]
     assert server.request("GET", "/healthz").status_code == 200  # still up
     log = server.log.read_text()
     assert "Traceback" not in log and "RecursionError" not in log, log[-2000:]

@@ -175,11 +175,16 @@ class SiteGuard:
 
 
 def loads_json(data: bytes | str, *, max_depth: int = MAX_JSON_DEPTH):
-    """``json.loads`` for request bodies: nesting deeper than ``max_depth`` is a UserError, never a RecursionError."""
+    """``json.loads`` for request bodies: nesting deeper than ``max_depth``, or a number too long to
+    convert, is a UserError, never a RecursionError or ValueError; malformed JSON is a JSONDecodeError."""
     try:
         value = json.loads(data)
     except RecursionError:
         raise errors.UserError(f"the JSON is nested too deeply (at most {max_depth} levels)") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # the one other failure: an integer beyond Python's 4,300-digit conversion limit
+        raise errors.UserError("the JSON holds a number too long to read") from None
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
