@@ -122,7 +122,7 @@ VIT_SHAPES = {
 def vit_checkpoint(name: str, out: Path) -> Path:
     """A randomly initialised FocalLens-CLIP with the shape of the CLIP named in VIT_SHAPES."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel  # the PIL processor by name: no fallback notice
 
     from focalsearch.models.init_checkpoint import focallens_from_clip
     from focalsearch.models.saving import write_checkpoint
@@ -141,7 +141,7 @@ def vit_checkpoint(name: str, out: Path) -> Path:
     )
     torch.manual_seed(0)
     model = focallens_from_clip(CLIPModel(config))
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     write_checkpoint(out, model, tokenizer, processor)
     return out
 

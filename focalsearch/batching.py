@@ -3,7 +3,8 @@
 Concurrent queries each need one small forward pass. One worker thread takes every request that
 arrives within a short window (or until a batch is full), groups them by what they need (texts;
 images under one instruction), and runs one forward pass per group. The model is then only ever
-used from that thread.
+used from that thread. Each kind runs in the arithmetic ``arithmetic`` chose for it
+(focalsearch.models.arithmetic), else in the encoder's own.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class DynamicBatcher:
     at most that much, and under load it is what lets requests share a forward pass.
     """
 
-    def __init__(self, encoder, *, max_batch: int = 32, max_wait_ms: float = 2.0):
+    def __init__(self, encoder, *, max_batch: int = 32, max_wait_ms: float = 2.0, arithmetic=None):
         self.encoder = encoder
+        self.arithmetic = arithmetic  # a QueryArithmetic, or None: the encoder's arithmetic for every kind
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.batches = 0  # forward passes run, for tests and benchmarks
@@ -85,10 +87,11 @@ class DynamicBatcher:
             for (kind, instruction), requests in groups.items():
                 try:
                     payloads = [r.payload for r in requests]
+                    precision = self.arithmetic.precision(kind) if self.arithmetic is not None else None
                     if kind == "text":
-                        vectors = self.encoder.encode_texts(payloads)
+                        vectors = self.encoder.encode_texts(payloads, precision=precision)
                     else:
-                        vectors = self.encoder.encode_images(payloads, instruction)
+                        vectors = self.encoder.encode_images(payloads, instruction, precision=precision)
                     self.batches += 1
                     self.encoded += len(requests)
                 except BaseException as exc:  # hand the failure to every waiting caller

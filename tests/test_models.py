@@ -192,3 +192,169 @@ def test_tokenizer_learning_is_reproducible_and_keeps_known_words_whole():
     # Unseen text still maps to byte symbols, never to the unknown token.
     ids = first("zebra ünïcode 42")["input_ids"]
     assert first.convert_tokens_to_ids(first.unk_token) not in ids[1:-1]
+
+
+# --- query arithmetic: float32 or bf16 autocast, per pass and per query kind --------------------
+
+
+def test_a_pass_runs_in_the_precision_it_asks_for(tiny_focal, images):
+    exact = create_encoder(str(tiny_focal), precision="float32")
+    bf16 = create_encoder(str(tiny_focal), precision="bfloat16")
+    texts = ["three apples", "a red circle"]
+    # a bf16 pass first, so that a float32 pass must not reuse the bf16 instruction tokens
+    assert np.array_equal(bf16.encode_images(images, "color", precision="bfloat16"), bf16.encode_images(images, "color"))
+    assert np.array_equal(bf16.encode_images(images, "color", precision="float32"), exact.encode_images(images, "color"))
+    assert np.array_equal(bf16.encode_texts(texts, precision="float32"), exact.encode_texts(texts))
+    assert np.array_equal(exact.encode_texts(texts, precision="bfloat16"), bf16.encode_texts(texts))
+    assert not np.array_equal(exact.encode_texts(texts), bf16.encode_texts(texts))
+
+
+class TimedEncoder:
+    """An encoder that takes a set time per pass in each arithmetic (the trial's logic, not the model's)."""
+
+    def __init__(self, seconds: dict[tuple[str, str], float], device: str = "cpu"):
+        self.seconds, self.passes = seconds, []
+        self.device, self.dtype, self.autocast_dtype = torch.device(device), torch.float32, torch.bfloat16
+        self.towers, self.min_decode_side = "both", 8
+
+    def _pass(self, kind: str, precision: str) -> np.ndarray:
+        import time
+
+        self.passes.append((kind, precision))
+        time.sleep(self.seconds[(kind, precision)])
+        return np.zeros((1, 4), np.float32)
+
+    def encode_texts(self, texts, *, precision=None):
+        return self._pass("text", precision)
+
+    def encode_images(self, images, instruction="", *, precision=None):
+        return self._pass("image", precision)
+
+
+def test_auto_keeps_bf16_only_for_the_query_kind_where_it_is_clearly_faster():
+    from focalsearch.models.arithmetic import choose_query_arithmetic
+
+    # bf16 loses on a few words and wins on an image's many tokens (a ViT-B/16 on an AMX CPU does)
+    encoder = TimedEncoder({("text", "float32"): 0.004, ("text", "bfloat16"): 0.02,
+                            ("image", "float32"): 0.03, ("image", "bfloat16"): 0.006})
+    chosen = choose_query_arithmetic(encoder, budget_s=5)
+    assert (chosen.precision("text"), chosen.precision("image")) == ("float32", "bfloat16")
+    assert chosen.kinds["image"].bfloat16_ms < chosen.kinds["image"].float32_ms
+    # both arithmetics were timed alternately, and nothing ran in the encoder's own (unnamed) arithmetic
+    assert {p for _, p in encoder.passes} == {"float32", "bfloat16"} and encoder.passes.count(("image", "bfloat16")) >= 3
+    # a bf16 win inside the margin is noise: float32 (exact, no kernels to build) stays
+    close = TimedEncoder({("text", "float32"): 0.01, ("text", "bfloat16"): 0.0095,
+                          ("image", "float32"): 0.01, ("image", "bfloat16"): 0.0095})
+    assert set(choose_query_arithmetic(close, budget_s=5).as_dict()["kinds"][k]["chosen"] for k in ("text", "image")) == {"float32"}
+
+
+def test_the_trial_stays_within_its_time_budget_and_explicit_precisions_are_kept():
+    from focalsearch.models.arithmetic import choose_query_arithmetic
+
+    slow = {("text", "float32"): 0.05, ("text", "bfloat16"): 0.01, ("image", "float32"): 0.05, ("image", "bfloat16"): 0.01}
+    encoder = TimedEncoder(slow)
+    short = choose_query_arithmetic(encoder, budget_s=0.12)
+    assert short.precision("text") == short.precision("image") == "float32"  # no time to try bf16: float32
+    assert "no time left" in short.kinds["image"].note and ("image", "bfloat16") not in encoder.passes
+    assert short.seconds < 0.12 + 0.1  # at most one pass past the budget
+    for precision in ("float32", "bfloat16"):
+        untimed = TimedEncoder(slow)
+        kept = choose_query_arithmetic(untimed, precision)
+        assert untimed.passes == [] and kept.precision("text") == kept.precision("image") == "bfloat16"  # the encoder's own
+    gpu = TimedEncoder(slow, device="cuda")
+    assert choose_query_arithmetic(gpu).precision("image") == "bfloat16" and gpu.passes == []
+
+
+def test_the_batcher_encodes_each_kind_in_the_arithmetic_chosen_for_it(tiny_focal, images, monkeypatch):
+    from focalsearch.batching import DynamicBatcher
+    from focalsearch.models import encoders
+    from focalsearch.models.arithmetic import choose_query_arithmetic
+
+    monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: True)
+    encoder = create_encoder(str(tiny_focal))  # auto: bf16 autocast on a CPU with bf16
+    chosen = choose_query_arithmetic(encoder, budget_s=30)
+    for kind in ("text", "image"):
+        trial = chosen.kinds[kind]
+        assert trial.float32_ms > 0 and trial.bfloat16_ms > 0
+        assert trial.chosen == ("bfloat16" if trial.bfloat16_ms <= 0.9 * trial.float32_ms else "float32")
+    # force one kind each way, and check the batcher's vectors are exactly that arithmetic's
+    chosen.kinds["text"].chosen, chosen.kinds["image"].chosen = "float32", "bfloat16"
+    batcher = DynamicBatcher(encoder, arithmetic=chosen)
+    try:
+        text = batcher.encode_text("a red circle")
+        image = batcher.encode_image(images[0], "color")
+    finally:
+        batcher.close()
+    assert np.array_equal(text, encoder.encode_texts(["a red circle"], precision="float32")[0])
+    assert not np.array_equal(text, encoder.encode_texts(["a red circle"], precision="bfloat16")[0])
+    assert np.array_equal(image, encoder.encode_images(images[:1], "color", precision="bfloat16")[0])
+    assert not np.array_equal(image, encoder.encode_images(images[:1], "color", precision="float32")[0])
+
+
+# --- no transformers notices on a user's terminal ----------------------------------------------
+
+NOTICES = ("CLIPImageProcessorPil", "torchvision", "[transformers]")
+
+
+def test_building_a_small_checkpoint_prints_no_transformers_notice(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from focalsearch.models.tiny import save_tiny_clip; "
+            "save_tiny_clip(sys.argv[1], ['a red circle', 'color'] * 8, vocab_size=300, width=32, projection_dim=32)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not [n for n in NOTICES if n in done.stderr], done.stderr
+    config = (tmp_path / "m" / "preprocessor_config.json").read_text()
+    assert '"image_processor_type": "CLIPImageProcessor"' in config  # what any transformers reads, with or without torchvision
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_server_prints_no_transformers_notice(tmp_path, tiny_focal, workers):
+    """`focalsearch index` and `focalsearch serve` (one process, or several) on a real port: stderr holds no library notice."""
+    import io
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "photos", 6)
+    index = tmp_path / "index"
+    cli = [sys.executable, "-m", "focalsearch.cli"]
+    done = subprocess.run([*cli, "index", str(tmp_path / "photos"), "-i", "color", "--model", str(tiny_focal), "--index", str(index)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not [n for n in NOTICES if n in done.stderr], done.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url, token = f"http://127.0.0.1:{port}", "t0ken"
+    server = subprocess.Popen([*cli, "serve", "--index", str(index), "--port", str(port), "--workers", str(workers), "--token", token],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                try:
+                    health = http.get("/healthz")
+                    if health.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            assert http.post("/api/search", json={"text": "a red circle", "instruction": "color", "k": 3}).json()["results"]
+            png = io.BytesIO()
+            draw_image(7).save(png, "PNG")
+            upload = http.post("/api/search", files={"image": ("q.png", png.getvalue(), "image/png")}, data={"instruction": "color", "k": "3"})
+            assert upload.status_code == 200 and upload.json()["results"], upload.text
+            arithmetic = http.get("/healthz").json()["query_arithmetic"]["kinds"]
+            assert set(arithmetic) == {"text", "image"} and {k["chosen"] for k in arithmetic.values()} <= {"float32", "bfloat16"}
+    finally:
+        server.terminate()
+        stderr = server.communicate(timeout=30)[1]
+    assert "serving" in stderr
+    assert not [n for n in NOTICES if n in stderr], stderr

@@ -72,6 +72,11 @@ def compute_dtypes(device: torch.device, precision: str = "auto") -> tuple[torch
     return torch.float32, None
 
 
+def arithmetic_name(autocast_dtype: torch.dtype | None, weights: torch.dtype = torch.float32) -> str:
+    """What a pass computes in, as --precision spells it: its autocast dtype where it has one, else its weights'."""
+    return str(autocast_dtype or weights).removeprefix("torch.")
+
+
 def needed_towers(encoder: str, instruction: str, *, image_query: bool) -> str:
     """Which towers a query needs: a text query only the text tower; an image query the vision
     tower, plus the text tower where the instruction is read (focallens, clip+text)."""
@@ -130,7 +135,8 @@ class ConditionalEncoder:
         self.info = EncoderInfo(encoder=encoder, model=ref.model_id, dim=model.config.projection_dim)
         text_config = model.config if towers == "text" else getattr(model.config, "text_config", None)
         self._max_text_length = text_config.max_position_embeddings if text_config is not None else 0
-        self._instruction_cache: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+        # (instruction, autocast dtype) -> its tokens (focallens) or text embedding (clip+text)
+        self._instruction_cache: dict[tuple[str, torch.dtype | None], torch.Tensor] = {}
         self._lock = threading.Lock()
 
     # -- inputs -------------------------------------------------------------------------------
@@ -159,40 +165,54 @@ class ConditionalEncoder:
         )
         return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
+    def _autocast(self, dtype: torch.dtype | None):
+        """One pass's arithmetic: autocast to ``dtype``, or None for the weights' own dtype."""
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def autocast_for(self, precision: str | None) -> torch.dtype | None:
+        """The autocast dtype of a pass in ``precision`` ("float32" or "bfloat16"; None: this encoder's autocast_dtype).
+
+        Only float32 weights can run either way (the CPU's bf16 autocast); other weights run as loaded.
+        """
+        if precision is None or precision == arithmetic_name(self.autocast_dtype, self.dtype):
+            return self.autocast_dtype
+        if self.dtype == torch.float32 and precision in ("float32", "bfloat16"):
+            return None if precision == "float32" else torch.bfloat16
+        raise ValueError(f"an encoder with {self.dtype} weights cannot run a pass in {precision!r}")
 
     def _require(self, tower: str) -> None:
         if self.towers not in ("both", tower):
             raise RuntimeError(f"this encoder was loaded with the {self.towers} tower only; it cannot use the {tower} tower")
 
     # -- instruction features, computed once per instruction ----------------------------------
-    def _instruction_features(self, instruction: str):
+    def _instruction_features(self, instruction: str, autocast: torch.dtype | None):
         self._require("text")
+        key = (instruction, autocast)  # kept per arithmetic, so that a float32 pass reads float32 features
         with self._lock:
-            if instruction not in self._instruction_cache:
+            if key not in self._instruction_cache:
                 if self.info.encoder == "focallens":
                     tokens = self._tokenize([instruction], self.model.config.instruction_max_length)
                     keep = tokens["attention_mask"][0].bool()
                     ids = tokens["input_ids"][:, keep]
-                    with self._autocast():
-                        self._instruction_cache[instruction] = self.model.instruction_tokens(ids)
+                    with self._autocast(autocast):
+                        self._instruction_cache[key] = self.model.instruction_tokens(ids)
                 else:
-                    self._instruction_cache[instruction] = self._text_features([instruction])[0]
-            return self._instruction_cache[instruction]
+                    self._instruction_cache[key] = self._text_features([instruction], autocast)[0]
+            return self._instruction_cache[key]
 
     # -- encoding -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_pixels(self, pixel_values: torch.Tensor, instruction: str = "") -> np.ndarray:
-        """Encode a preprocessed batch under one instruction."""
+    def encode_pixels(self, pixel_values: torch.Tensor, instruction: str = "", *, precision: str | None = None) -> np.ndarray:
+        """Encode a preprocessed batch under one instruction (in ``precision``; None: this encoder's arithmetic)."""
         self._require("vision")
+        autocast = self.autocast_for(precision)
         instruction = normalize_instruction(instruction)
         pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
         conditioned = bool(instruction) and self.info.encoder != "clip"
-        read = self._instruction_features(instruction) if conditioned else None  # tokens, or a text embedding
-        with self._autocast():
+        read = self._instruction_features(instruction, autocast) if conditioned else None  # tokens, or a text embedding
+        with self._autocast(autocast):
             if conditioned and self.info.encoder == "focallens":
                 features = _l2_normalize(self.model.conditional_image_features(pixels, read))
             else:
@@ -201,18 +221,18 @@ class ConditionalEncoder:
             features = _l2_normalize(features + read[None, :])
         return features.cpu().numpy().astype(np.float32, copy=False)
 
-    def encode_images(self, images: Sequence[Image.Image], instruction: str = "") -> np.ndarray:
-        """Encode RGB images under an instruction, in batches."""
+    def encode_images(self, images: Sequence[Image.Image], instruction: str = "", *, precision: str | None = None) -> np.ndarray:
+        """Encode RGB images under an instruction, in batches (in ``precision``; None: this encoder's arithmetic)."""
         chunks = [
-            self.encode_pixels(self.preprocess(images[i : i + self.batch_size]), instruction)
+            self.encode_pixels(self.preprocess(images[i : i + self.batch_size]), instruction, precision=precision)
             for i in range(0, len(images), self.batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.info.dim), np.float32)
 
     @torch.inference_mode()
-    def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
+    def _text_features(self, texts: Sequence[str], autocast: torch.dtype | None) -> torch.Tensor:
         tokens = self._tokenize(texts)
-        with self._autocast():
+        with self._autocast(autocast):
             if self.towers == "text":
                 return _l2_normalize(self.model(**tokens).text_embeds)
             return _l2_normalize(self.model.get_text_features(**tokens).pooler_output)
@@ -222,10 +242,11 @@ class ConditionalEncoder:
             return self.model(pixel_values=pixels).image_embeds
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode texts with the text tower, in batches."""
+    def encode_texts(self, texts: Sequence[str], *, precision: str | None = None) -> np.ndarray:
+        """Encode texts with the text tower, in batches (in ``precision``; None: this encoder's arithmetic)."""
+        autocast = self.autocast_for(precision)
         chunks = [
-            self._text_features(texts[i : i + self.batch_size]).cpu().numpy()
+            self._text_features(texts[i : i + self.batch_size], autocast).cpu().numpy()
             for i in range(0, len(texts), self.batch_size)
         ]
         return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, self.info.dim), np.float32)
@@ -236,7 +257,7 @@ class ConditionalEncoder:
         """Plain CLIP image embeddings of a preprocessed batch, before L2 normalisation (no instruction)."""
         self._require("vision")
         pixels = pixel_values.to(self.device, dtype=self.dtype)
-        with self._autocast():
+        with self._autocast(self.autocast_dtype):
             features = self._image_features(pixels)
         return features.float().cpu().numpy()
 
@@ -244,7 +265,7 @@ class ConditionalEncoder:
     def raw_text_features(self, texts: Sequence[str]) -> np.ndarray:
         """Plain CLIP text embeddings, before L2 normalisation."""
         tokens = self._tokenize(texts)
-        with self._autocast():
+        with self._autocast(self.autocast_dtype):
             if self.towers == "text":
                 features = self.model(**tokens).text_embeds
             else:

@@ -104,14 +104,24 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_image_processor(name_or_path: str | None):
-    """Only the image processor of a checkpoint (resize, crop, normalise), for decode workers."""
+# Image preprocessing runs on PIL images (as the original CLIP's does), whether or not torchvision is
+# installed: the same arithmetic for an index and its queries on any machine, and no transformers
+# notice about which backend it fell back to.
+IMAGE_PROCESSOR_BACKEND = "pil"
+
+
+def _image_processor(ref: ModelRef, options: dict):
     from transformers import AutoImageProcessor
 
+    return AutoImageProcessor.from_pretrained(ref.location, backend=IMAGE_PROCESSOR_BACKEND, **options)
+
+
+def load_image_processor(name_or_path: str | None):
+    """Only the image processor of a checkpoint (resize, crop, normalise), for decode workers."""
     quiet_transformers()
     ref = resolve_model(name_or_path)
     try:
-        return AutoImageProcessor.from_pretrained(ref.location, **_load_options(ref))
+        return _image_processor(ref, _load_options(ref))
     except Exception as exc:
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
 
@@ -123,7 +133,7 @@ def load_clip_family(ref: ModelRef, towers: str = "both"):
     CLIPTextModelWithProjection or CLIPVisionModelWithProjection holding the same weights), which
     is all a text query, or a plain image query, needs.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
 
@@ -147,7 +157,7 @@ def load_clip_family(ref: ModelRef, towers: str = "both"):
         else:
             model = _load_tower(ref, config, towers, options)
         tokenizer = AutoTokenizer.from_pretrained(ref.location, **options)
-        processor = AutoImageProcessor.from_pretrained(ref.location, **options)
+        processor = _image_processor(ref, options)
     except Exception as exc:
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
     return model.eval(), tokenizer, processor

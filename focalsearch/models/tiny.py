@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+# The PIL processor by name: `CLIPImageProcessor` is the torchvision one, and without torchvision
+# transformers swaps in this class with a warning. The saved config names CLIPImageProcessor either way.
+from transformers import CLIPImageProcessorPil
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -128,7 +131,7 @@ def save_tiny_clip(out: str | Path, texts: Iterable[str], *, seed: int = 0, voca
     torch.manual_seed(seed)
     model = CLIPModel(clip_config)
     size = clip_config.vision_config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
