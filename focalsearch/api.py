@@ -443,15 +443,16 @@ class FocalSearch:
     def enable_batching(self, *, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
         """Load the model now and encode queries from all threads in shared forward passes."""
         from focalsearch.batching import DynamicBatcher
+        from focalsearch.models.arithmetic import choose_query_arithmetic
 
         store = self._open_store()
         recorded = self._index_model(store)
         if recorded is None:
             raise UserError(f"index {store.location} has no conditions yet")
         encoder = self._load_encoder(recorded)
-        if self.precision == "auto":
-            _pick_query_arithmetic(encoder, max_batch)
-        self._batcher = DynamicBatcher(encoder, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        # "auto": each query kind in whichever of float32 and bf16 autocast measures faster here
+        arithmetic = choose_query_arithmetic(encoder, self.precision)
+        self._batcher = DynamicBatcher(encoder, max_batch=max_batch, max_wait_ms=max_wait_ms, arithmetic=arithmetic)
 
     def close(self) -> None:
         """Stop the batching thread, if any."""
@@ -536,40 +537,6 @@ class FocalSearch:
         window = slice(min(offset, len(ids)), min(offset + limit, len(ids)))
         images = list(zip(ids[window].to_pylist(), paths[window].to_pylist()))
         return ImagePage(total=len(ids), offset=offset, images=images, instruction=condition.instruction)
-
-
-def _pick_query_arithmetic(encoder, batch: int) -> None:
-    """Keep bf16 autocast for query batches only where it measures faster than float32 here.
-
-    Autocast pays off on large batches (indexing) but its per-operation cost can outweigh it on the
-    small batches a server encodes: for the tiny demo model, float32 encodes 8 texts in 5.5 ms
-    against 6.5 ms under autocast on the 2-core dev VM.
-    """
-    import time
-
-    from PIL import Image
-
-    if encoder.device.type != "cpu" or encoder.autocast_dtype is None:
-        return
-    texts = [f"a query of several words, number {i}" for i in range(min(batch, 8))]
-    images = [Image.new("RGB", (64, 64), (40 * i % 256, 90, 160)) for i in range(len(texts))]
-
-    def seconds() -> float:
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            encoder.encode_texts(texts)
-            encoder.encode_images(images, "a")
-            best = min(best, time.perf_counter() - started)
-        return best
-
-    autocast = encoder.autocast_dtype
-    encoder.encode_texts(texts)  # warm both paths once
-    with_autocast = seconds()
-    encoder.autocast_dtype = None
-    encoder.encode_texts(texts)
-    if seconds() >= with_autocast:
-        encoder.autocast_dtype = autocast
 
 
 def _shell_instruction(instruction: str) -> str:
