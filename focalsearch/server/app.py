@@ -343,7 +343,8 @@ def create_app(
             return {"status": "ok"}
         batcher = engine._batcher
         return {"status": "ok", "index": engine.location,
-                "queries_encoded": batcher.encoded, "forward_passes": batcher.batches}
+                "queries_encoded": batcher.encoded, "forward_passes": batcher.batches,
+                "query_arithmetic": batcher.arithmetic.as_dict() if batcher.arithmetic is not None else None}
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -374,7 +375,10 @@ def app_from_environment() -> FastAPI:
 
     from focalsearch import objectstore
 
+    from focalsearch.models.loading import quiet_transformers
+
     config = json.loads(os.environ[SERVE_ENV])
     configure_threads(config.pop("threads"))
+    quiet_transformers()  # as the one-process server does: no library notices in each worker's log
     objectstore.configure(config.pop("storage_options", {}))
     return create_app(config.pop("index_dir"), **config)
