@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from focalsearch.defaults import DEFAULT_INDEX_DIR
+from focalsearch.defaults import DEFAULT_INDEX_DIR, DEFAULT_MAX_QUERY_PIXELS
 
 DEFAULT_INDEX = str(DEFAULT_INDEX_DIR)
 from focalsearch.errors import FocalSearchError
@@ -54,6 +54,14 @@ ThreadsOpt = Annotated[
         "--threads", min=1, envvar="FOCALSEARCH_THREADS",
         help="CPU threads for the model (default: the cores this process may use). Idle threads sleep rather than spin, "
         "so a busy machine stays usable.",
+    ),
+]
+MaxQueryPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-query-pixels", min=1,
+        help="Refuse a query image that would decode at more pixels (a JPEG counts at its reduced decode size); "
+        "bounds the memory one query image takes, about 13.5 bytes a pixel.",
     ),
 ]
 _SKIPPED_SHOWN = 20
@@ -208,6 +216,7 @@ def query(
     storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
     paths_only: Annotated[bool, typer.Option("--paths-only", help="Print only result paths, one per line.")] = False,
+    max_query_pixels: MaxQueryPixelsOpt = DEFAULT_MAX_QUERY_PIXELS,
 ) -> None:
     """Search the index by an image or a text under one instruction, or several with weights.
 
@@ -226,7 +235,7 @@ def query(
     _set_threads(threads)
     _quiet_libraries()
     def go():
-        engine = FocalSearch(index_dir, model, device=device, precision=precision)
+        engine = FocalSearch(index_dir, model, device=device, precision=precision, max_query_pixels=max_query_pixels)
         conditions = list(zip(instructions, weight or [1.0] * len(instructions)))
         return engine.search(image=image, text=text, image_id=image_id, conditions=conditions, k=k, offset=offset)
 
@@ -324,6 +333,7 @@ def serve(
         Optional[str], typer.Option("--token", envvar="FOCALSEARCH_TOKEN", help="Every /api request must carry it (Authorization: Bearer T).")
     ] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest accepted request body.")] = 20.0,
+    max_query_pixels: MaxQueryPixelsOpt = DEFAULT_MAX_QUERY_PIXELS,
     allowed_host: Annotated[
         Optional[list[str]],
         typer.Option("--allowed-host", help="Another name the server answers to in the Host header (besides the --host address and "
@@ -363,7 +373,8 @@ def serve(
         os.environ[SERVE_ENV] = json.dumps({
             "index_dir": str(index_dir), "token": token, "device": device, "precision": precision,
             "host": host, "allowed_hosts": allowed_hosts,
-            "max_upload_bytes": int(max_upload_mb * 1e6), "threads": threads or max(1, available_cores() // workers),
+            "max_upload_bytes": int(max_upload_mb * 1e6), "max_query_pixels": max_query_pixels,
+            "threads": threads or max(1, available_cores() // workers),
             "storage_options": dict(objectstore.current_options()),
         })
         typer.echo(f"serving {_location(index_dir)} on http://{shown}:{port}/ with {workers} processes (Ctrl-C stops)", err=True)
@@ -379,7 +390,7 @@ def serve(
         from focalsearch.server.app import create_app
 
         application = create_app(index_dir, token=token, device=device, precision=precision, max_upload_bytes=int(max_upload_mb * 1e6),
-                                 host=host, allowed_hosts=allowed_hosts)
+                                 host=host, allowed_hosts=allowed_hosts, max_query_pixels=max_query_pixels)
         return uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning"))
 
     server = _run(start)

@@ -373,6 +373,77 @@ def test_to_rgb_gray_and_bilevel() -> None:
     assert to_rgb(rgb).getpixel((0, 0)) == (1, 2, 3)
 
 
+def _every_mode() -> dict[str, Image.Image]:
+    """Random images in every mode to_rgb converts, 37x23 pixels."""
+    rng = np.random.default_rng(7)
+    h, w = 23, 37
+    rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8))
+    rgb = rgba.convert("RGB")
+    palette = rgb.quantize(16)
+    palette_keyed = palette.copy()
+    palette_keyed.info["transparency"] = 3
+    rgb_keyed = rgb.copy()
+    rgb_keyed.putpixel((5, 20), (1, 2, 3))
+    rgb_keyed.info["transparency"] = (1, 2, 3)
+    floats = rng.normal(0.5, 0.2, (h, w)).astype(np.float32)
+    floats[20:, 30:] = 40.0  # the range only the last strips see
+    floats[1, 1], floats[2, 2], floats[3, 3] = np.nan, np.inf, -np.inf
+    return {
+        "RGBA": rgba, "LA": Image.fromarray(rng.integers(0, 256, (h, w, 2), dtype=np.uint8)), "PA": palette.convert("PA"),
+        "RGBa": rgba.convert("RGBa"), "P": palette, "P+transparency": palette_keyed, "RGB+transparency": rgb_keyed,
+        "L": rgb.convert("L"), "1": rgb.convert("1"), "CMYK": rgb.convert("CMYK"), "YCbCr": rgb.convert("YCbCr"),
+        "I;16": Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)),
+        "I;16B": Image.frombytes("I;16B", (w, h), rng.integers(0, 256, h * w * 2, dtype=np.uint8).tobytes()),
+        "I": Image.fromarray(rng.integers(-5, 70000, (h, w), dtype=np.int32)),
+        "F": Image.fromarray(floats), "F unit": Image.fromarray(rng.random((h, w), dtype=np.float32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_every_mode()))
+def test_to_rgb_in_strips_equals_the_whole_image_at_once(name: str) -> None:
+    image = _every_mode()[name]
+    whole = to_rgb(image, strip_pixels=10**9)
+    assert whole.mode == "RGB" and whole.size == image.size
+    for strip_pixels in (1, 100, 37 * 22):  # one row, a few rows, all rows but one
+        assert to_rgb(image, strip_pixels=strip_pixels).tobytes() == whole.tobytes(), strip_pixels
+
+
+# --- the query-image cap (max_decoded_pixels) -------------------------------------------------
+
+
+def test_query_cap_refuses_from_the_header_without_decoding(tmp_path: Path) -> None:
+    # The header claims 9000x9000 but the data is far too short: decoding would say "truncated".
+    path = _bomb_png(tmp_path / "claims.png", 9000, 9000)
+    assert _skipped(load_image(path)).reason.startswith("truncated or corrupt")
+    reason = _skipped(load_image(path, max_decoded_pixels=25_000_000)).reason
+    assert reason == "too large: 9000x9000 pixels exceeds the query-image limit of 25000000 pixels (--max-query-pixels)"
+    with pytest.raises(InvalidImageError, match=r"query-image limit of 25000000 pixels \(--max-query-pixels\)"):
+        open_query_image(path)  # the default cap
+    assert images.DEFAULT_MAX_QUERY_PIXELS == 25_000_000
+
+
+def test_query_cap_counts_a_jpeg_at_its_reduced_size(tmp_path: Path) -> None:
+    jpeg = _save(_photo_like(1600, 1000), tmp_path / "big.jpg", quality=90)
+    png = _save(_photo_like(1600, 1000), tmp_path / "big.png")
+    reduced = load_image(jpeg, min_side=224, max_decoded_pixels=100_000)  # decoded at 400x250
+    assert isinstance(reduced, LoadedImage) and reduced.image.size == (400, 250)
+    assert _skipped(load_image(jpeg, min_side=224, max_decoded_pixels=99_999)).reason == (
+        "too large: 1600x1000 pixels (400x250 even at the reduced JPEG decode) exceeds the query-image limit "
+        "of 99999 pixels (--max-query-pixels)"
+    )
+    assert "1600x1000 pixels exceeds" in _skipped(load_image(png, min_side=224, max_decoded_pixels=100_000)).reason
+    assert isinstance(load_image(png, min_side=224, max_decoded_pixels=1_600_000), LoadedImage)  # at the cap
+    assert images.decoded_pixels(jpeg.read_bytes(), min_side=224) == 100_000
+    assert images.decoded_pixels(png.read_bytes(), min_side=224) == 1_600_000
+    assert images.decoded_pixels(b"not an image") is None
+
+
+def test_query_cap_leaves_pixels_unchanged(tmp_path: Path) -> None:
+    path = _save(_every_mode()["RGBA"], tmp_path / "a.png")
+    capped, plain = load_image(path, max_decoded_pixels=37 * 23), load_image(path)
+    assert capped.image.tobytes() == plain.image.tobytes() == to_rgb(Image.open(path)).tobytes()
+
+
 # --- scan_images --------------------------------------------------------------------------
 
 

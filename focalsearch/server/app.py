@@ -7,6 +7,7 @@ Images and thumbnails are served by row id only, never by a path taken from a re
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -30,9 +31,10 @@ from starlette.exceptions import HTTPException
 
 from focalsearch import errors, objectstore
 from focalsearch.api import FocalSearch, SearchResult
-from focalsearch.images import LoadedImage, decode_image_bytes
-from focalsearch.server.security import HostPolicy, SiteGuard, loads_json, media_type
+from focalsearch.images import DEFAULT_MAX_QUERY_PIXELS, LoadedImage, SkippedImage, decode_image_bytes, decoded_pixels
+from focalsearch.server.budget import PixelBudget
 from focalsearch.server.gallery import gallery_router
+from focalsearch.server.security import HostPolicy, SiteGuard, loads_json, media_type
 from focalsearch.server.thumbnails import ThumbnailCache
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -159,6 +161,7 @@ def create_app(
     threads: int | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     engine: FocalSearch | None = None,
+    max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS,
     host: str = "127.0.0.1",
     allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
@@ -172,6 +175,8 @@ def create_app(
     engine.conditions()  # fails now, with its one-line error, on a folder that is not an index
     engine.enable_batching()
     thumbnails = ThumbnailCache(engine._open_store().root / "thumbnails", engine.max_pixels)
+    # Uploads above max_query_pixels are refused; those below share this many decoded pixels at once.
+    pixel_budget = PixelBudget(max_query_pixels)
 
     # Swagger UI from a package rather than FastAPI's default CDN, so /docs works offline too.
     app = FastAPI(title="FocalSearch", description="Instruction-conditioned image search.", version="0.1.0",
@@ -212,6 +217,25 @@ def create_app(
             hit["thumbnail"] = f"/api/thumbnails/{hit['image_id']}?size=256"
         return out
 
+    def holds_upload_pixels(handler):
+        """Give a handler's request a ticket of the pixel budget, returned when the handler is done."""
+        @functools.wraps(handler)
+        async def handle(request: Request):
+            async with pixel_budget.ticket() as ticket:
+                request.state.pixel_ticket = ticket
+                return await handler(request)
+        return handle
+
+    async def decode_upload(request: Request, data: bytes, name: Path) -> LoadedImage | SkippedImage:
+        """Decode an upload off the event loop, once its decoded pixels fit the budget (see server.budget)."""
+        min_side = engine._batcher.encoder.min_decode_side
+        pixels = await run_in_threadpool(decoded_pixels, data, min_side=min_side)
+        if pixels is not None and pixels <= max_query_pixels:  # above the cap, decode refuses from the header
+            await request.state.pixel_ticket.take(pixels)
+        return await run_in_threadpool(
+            decode_image_bytes, data, name, max_pixels=engine.max_pixels, min_side=min_side, max_decoded_pixels=max_query_pixels
+        )
+
     async def read_query(request: Request, model: type[BaseModel]) -> tuple[BaseModel, LoadedImage | None, dict]:
         """The request's fields and, for a multipart upload, the decoded image; plus how to echo the query."""
         if media_type(request.headers.get("content-type", "")) == "multipart/form-data":
@@ -230,10 +254,7 @@ def create_app(
                 fields[name] = loads_json(value) if name in ("conditions", "instructions") else value
             body = model.model_validate(fields)
             data = await upload.read()
-            loaded = decode_image_bytes(
-                data, Path(upload.filename or "upload"), max_pixels=engine.max_pixels,
-                min_side=engine._batcher.encoder.min_decode_side,
-            )
+            loaded = await decode_upload(request, data, Path(upload.filename or "upload"))
             if not isinstance(loaded, LoadedImage):
                 raise errors.InvalidImageError(f"cannot read the uploaded image: {loaded.reason}")
             return body, loaded, {"upload": upload.filename or "upload"}
@@ -272,6 +293,7 @@ def create_app(
     }}
 
     @app.post("/api/search", openapi_extra={"requestBody": schema})
+    @holds_upload_pixels
     async def search(request: Request):
         """One query (text, image_id or an uploaded image) under one instruction or weighted conditions."""
         body, upload, echo = await parse(request, SearchBody)
@@ -288,6 +310,7 @@ def create_app(
     }}
 
     @app.post("/api/compare", openapi_extra={"requestBody": compare_schema})
+    @holds_upload_pixels
     async def compare(request: Request):
         """The same query under 2 to 4 instructions, one ranked list each."""
         body, upload, echo = await parse(request, CompareBody)
