@@ -31,6 +31,7 @@ DEFAULT_MAX_PIXELS: int = 178_956_970
 # decode size; other formats cannot be decoded smaller, so above the cap they are refused from their
 # header before any pixel is decoded. Decoding an image at the cap and encoding it costs about 13.5
 # bytes a pixel at peak (decoded image, the preprocessor's array and its resize copy).
+
 # Modes other than 8-bit RGB are converted a strip of about this many pixels at a time, so the
 # conversion needs the source and the RGB result, not several full-size intermediates.
 _STRIP_PIXELS = 1 << 20
@@ -326,7 +327,7 @@ def decode_image_bytes(
                 turned = False
             if turned:
                 try:
-                    im = ImageOps.exif_transpose(im)  # rebinding frees the unturned pixels
+                    im = ImageOps.exif_transpose(im)  # the unturned pixels go when the with-block ends
                 except Exception:
                     pass
             if im.size != decoded_size:  # EXIF turned it by 90 degrees
