@@ -1,9 +1,12 @@
 """The indexing pipeline: scan, diff against the store, decode, encode, write (design §1, §3).
 
-Decoding runs in worker threads (PIL releases the GIL) and encoding is batched. Encoded rows are
-committed per condition every ``commit_seconds`` (and when the run ends or is interrupted), so a
-killed run loses at most that much work, and a long run does not pile up thousands of table
-versions and fragments, each of which makes the next commit and every later read slower.
+Decoding runs in worker threads (PIL releases the GIL) and encoding is batched. A condition's first
+encoded batch is committed at once; after that its rows are committed every ``commit_seconds``,
+checked after each batch (and when the run ends or is interrupted). So a killed run loses at most
+the rows encoded in the last ``commit_seconds`` plus one batch's decode and encode time, and a
+long run does not pile up thousands of table versions and fragments, each of which makes the next
+commit and every later read slower. The progress bar counts an image once its batch is encoded and
+the commit check after it has run, so once the bar has moved, every condition has rows committed.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ class Indexer:
 
     ``load_encoder`` is called only when some file needs encoding, so a rerun over an unchanged
     collection never loads the model. ``encoder`` may hand over one that is already loaded.
-    ``commit_seconds`` bounds the work an interruption can lose; 0 commits every batch.
+    ``commit_seconds`` bounds the work an interruption can lose (plus one batch); 0 commits every
+    batch. A condition's first batch in a run is committed as soon as it is encoded.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class Indexer:
         self.max_pixels = max_pixels
         self.progress = progress
         self.commit_seconds = commit_seconds
+        self._committed: set[str] = set()  # tables with a commit in this run
 
     def run(self, paths: Sequence[str | Path], conditions: Sequence[Condition]) -> IndexReport:
         if not conditions:
@@ -180,6 +185,7 @@ class Indexer:
 
         touched: dict[str, list[FileRecord]] = {c.table: [] for c in conditions}
         writes = {c.table: self._new_writes() for c in conditions}
+        self._committed = set()
         completed = False
         try:
             with tqdm(total=len(todo), unit="img", disable=not self.progress, desc="indexing") as bar:
@@ -193,36 +199,47 @@ class Indexer:
                     self._commit(conditions, writes, report, force=True)
             raise
         finally:
-            # Record what was committed, also when interrupted; compaction can wait for a full run.
+            # Record what was committed, also when interrupted; compaction can wait for a full run,
+            # which also cleans up what an earlier failed or interrupted run left (even if it encodes nothing).
             changed = [c for c in conditions if self.store.version(c) != versions[c.table]]
-            if completed and changed:
-                self._compact(changed)
+            tidied = [c for c in conditions if c in changed or self.store.untidy(c)] if completed else []
+            if tidied:
+                self._compact(tidied)
             for condition in conditions:
                 recorded = set(condition.roots) >= {str(r) for r in roots} and condition.rows is not None
-                if condition in changed or not recorded:
+                if condition in changed or condition in tidied or not recorded:
                     self.store.mark_updated(condition, roots=[str(r) for r in roots])
                 report.conditions[condition.instruction] = self.store.count(condition)
-            if completed and changed:
+            if tidied:
                 self.store.tidy_catalog()
             report.seconds = time.perf_counter() - started
         return report
 
     def _process(self, todo, conditions, records, writes: dict[str, "_Writes"], touched, report: IndexReport, bar) -> None:
-        """Decode and encode ``todo`` in this process, committing by time as it goes."""
+        """Decode and encode ``todo`` in this process, committing by time as it goes.
+
+        The bar moves after each batch's commit check, so a first move means committed rows.
+        """
         batch = _Batch()
+        taken = 0  # images decoded since the bar last moved
         for item in self._decode(todo):
-            bar.update(1)
+            taken += 1
             report.timings["decode"] += item.seconds
             self._route(item, records, batch, touched, report)
             if len(batch) >= self.batch_size:
                 self._encode(batch, records, writes, report)
                 batch = _Batch()
                 self._commit(conditions, writes, report, force=False)
+                bar.update(taken)
+                taken = 0
             self._flush_touched(conditions, touched, force=False)
         self._encode(batch, records, writes, report)
+        self._commit(conditions, writes, report, force=False)
+        bar.update(taken)
 
     def _compact(self, conditions: Sequence[Condition]) -> None:
-        """Merge the run's small fragments, then delete the versions they superseded.
+        """Merge the run's small fragments, then delete the versions they superseded, and the data
+        files of writes that never became a version (this run holds the index's write lock).
 
         A reader that opened an older version a moment ago may still be reading its files, so the
         cleanup waits until the compaction is VERSION_GRACE_SECONDS old.
@@ -231,7 +248,8 @@ class Indexer:
             self.store.compact(condition)
         time.sleep(VERSION_GRACE_SECONDS)
         for condition in conditions:
-            self.store.compact(condition)  # nothing left to merge: this deletes the versions it superseded
+            # nothing left to merge: this deletes the versions it superseded and unused files
+            self.store.compact(condition, leftovers=True)
 
     @property
     def encoder(self) -> "ConditionalEncoder":
@@ -357,9 +375,11 @@ class Indexer:
             pending = writes[condition.table]
             if not pending:
                 continue
-            if force or len(pending) >= _MAX_PENDING_ROWS or time.monotonic() - pending.since >= self.commit_seconds:
+            first = condition.table not in self._committed  # a run's first rows are committed at once
+            if force or first or len(pending) >= _MAX_PENDING_ROWS or time.monotonic() - pending.since >= self.commit_seconds:
                 started = time.perf_counter()
                 pending.commit(self.store, condition)
+                self._committed.add(condition.table)
                 report.timings["write"] += time.perf_counter() - started
 
     def _flush_touched(self, conditions, touched, *, force: bool) -> None:

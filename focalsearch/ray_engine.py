@@ -242,12 +242,12 @@ class RayIndexer(Indexer):
         )
         for batch in job.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             for i, path in enumerate(batch["path"]):
-                bar.update(1)
                 if len(batch["fragments"][i]):
                     for table, fragments in pickle.loads(batch["fragments"][i]).items():
                         writes[table].fragments.extend(fragments)
                 self._route_row(str(path), {k: batch[k][i] for k in batch}, by_table, records, writes, touched, report)
             self._commit(conditions, writes, report, force=False)
+            bar.update(len(batch["path"]))  # after the commit check: a first move means committed rows
             self._flush_touched(conditions, touched, force=False)
 
     def _route_row(self, path: str, row: dict, by_table, records, writes, touched, report: IndexReport) -> None:

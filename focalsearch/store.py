@@ -203,6 +203,19 @@ def _storage_error(exc: BaseException, root: Path) -> StorageError:
     return StorageError(f"cannot write the index at {root}: {short_error(exc)}")
 
 
+def _make_index_folder(root: Path) -> None:
+    """Create a new index's folder (and the missing folders above it); when the folder above
+    cannot be written, say so, naming it: the index itself is not there to be read-only."""
+    try:
+        root.mkdir(parents=True)
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY:
+            raise _storage_error(exc, root) from exc
+        parent = next((p for p in root.parents if os.path.isdir(p)), root.parent)
+        raise ReadOnlyIndexError(f"cannot create index {root}: folder {parent} cannot be written ({exc.strerror}); "
+                                 "make it writable or choose another --index") from None
+
+
 @contextmanager
 def _storage_errors(root: Path) -> Iterator[None]:
     """Report a failed write to the index at ``root`` (OS, LanceDB or FAISS) as one clear StorageError."""
@@ -243,12 +256,13 @@ def _read_errors(root: Path, what: str) -> Iterator[None]:
         raise damaged(what, short_error(exc), root) from exc
 
 
-def _optimize(table, cleanup_seconds: float) -> None:
-    """Compact a table and delete its versions older than ``cleanup_seconds``."""
+def _optimize(table, cleanup_seconds: float, leftovers: bool = False) -> None:
+    """Compact a table and delete its versions older than ``cleanup_seconds``; with ``leftovers``
+    also the data files that no version uses (a failed write's), whatever their age."""
     with warnings.catch_warnings():
         # LanceDB warns about a zero grace period, which only tests use (FOCALSEARCH_VERSION_GRACE_SECONDS=0).
         warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
-        table.optimize(cleanup_older_than=dt.timedelta(seconds=cleanup_seconds))
+        table.optimize(cleanup_older_than=dt.timedelta(seconds=cleanup_seconds), delete_unverified=leftovers)
 
 
 @functools.cache
@@ -304,9 +318,8 @@ class Store:
         if not is_index(self.root):
             if not create:
                 raise IndexNotFoundError(f"no index at {self.root}; build one with: focalsearch index PATH --index {_q(self.root)}")
-            if not self.root.exists():
-                with _storage_errors(self.location):
-                    self.root.mkdir(parents=True)
+            if not os.path.lexists(self.root):  # False, not an error, where a parent cannot be entered
+                _make_index_folder(self.root)
                 self.created = True
         self.db = lancedb.connect(str(self.root / "lancedb"), session=session, read_consistency_interval=consistency)
 
@@ -646,12 +659,29 @@ class Store:
                 table.delete(f"id IN ({_sql_list(ids[start:start + 1000])})")
         return len(ids)
 
-    def compact(self, condition: Condition, cleanup_seconds: float = VERSION_GRACE_SECONDS) -> None:
+    def compact(self, condition: Condition, cleanup_seconds: float = VERSION_GRACE_SECONDS, *, leftovers: bool = False) -> None:
         """Merge the small fragments left by batched commits, and delete table versions (and the
-        files only they use) older than ``cleanup_seconds``."""
+        files only they use) older than ``cleanup_seconds``.
+
+        ``leftovers`` also deletes data files that no version uses, however new: what a write cut
+        off by a full disk or a kill leaves. Only a writer holding the index's write lock may ask
+        for it, as another writer's files are not part of any version until it commits them.
+        """
         table = self._table(condition)
         with _storage_errors(self.location):
-            _optimize(table, cleanup_seconds)
+            _optimize(table, cleanup_seconds, leftovers)
+
+    def untidy(self, condition: Condition) -> bool:
+        """Whether the table keeps more than its latest version, or data files that version does
+        not use: what a failed or interrupted run leaves until a run compacts and cleans it up."""
+        table = self._table(condition)
+        with self._reading(condition):
+            if len(table.list_versions()) > 1:
+                return True
+            if self.uri is not None:
+                return False
+            live_bytes = int(table.stats()["total_bytes"])
+        return sum(size for size, _ in self.data_files(condition).values()) > live_bytes
 
     def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:
         """(version, paths, vectors) of a condition, read from one consistent version."""

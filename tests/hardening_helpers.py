@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import pty
+import re
+import select
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +100,35 @@ def fill_disk(folder: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+def start_in_terminal(argv: list[str]) -> tuple[subprocess.Popen, int]:
+    """Start ``argv`` with its stderr on a pseudo-terminal of 120 columns, as a user's shell would
+    (progress bars draw only there); returns the process and the terminal's reading end."""
+    reader, writer = pty.openpty()
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing 0 columns wide
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=writer)
+    finally:
+        os.close(writer)
+    return process, reader
+
+
+def wait_for_output(reader: int, process: subprocess.Popen, pattern: str, timeout: float = 300) -> re.Match:
+    """Read the terminal until ``pattern`` shows; fails if the process ends or ``timeout`` passes first."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([reader], [], [], 0.05)
+        if ready:
+            try:
+                chunk = os.read(reader, 4096)
+            except OSError:  # the process closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"exited ({process.wait()}) before {pattern!r} showed: {seen[-500:]!r}")
+            seen += chunk.decode(errors="replace")
+            found = re.search(pattern, seen)
+            if found:
+                return found
+    raise AssertionError(f"{pattern!r} did not show within {timeout} s: {seen[-500:]!r}")

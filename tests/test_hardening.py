@@ -23,7 +23,9 @@ from hardening_helpers import (
     run_unprivileged,
     shared_dir,
     small_tmpfs,
+    start_in_terminal,
     unprivileged_prefix,
+    wait_for_output,
 )
 
 runner = CliRunner()
@@ -132,6 +134,45 @@ def test_failed_faiss_save_costs_only_a_rebuild(indexed, monkeypatch):
     assert not list((indexed["index"] / "faiss").glob("*.faiss"))
 
 
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="mounting a tmpfs needs root")
+def test_a_rerun_that_encodes_nothing_cleans_up_after_a_full_disk(tmp_path, tiny_focal):
+    """The disk fills while the run compacts, after every row is committed: the rerun has nothing
+    to encode, and must still delete the failed run's old versions and unused files."""
+    from focalsearch.store import Store
+
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 1000)
+    three = ["-i", "color", "-i", "shape", "-i", "background"]
+    with small_tmpfs("64m") as mount:
+        index = mount / "idx"
+        assert run("index", photos, *three, "--model", tiny_focal, "--index", index).returncode == 0
+        make_image_folder(photos, 16, start=1000)
+        # Room for the 16 new rows' commits (a few pages per table), not for compacting a table of 1,016 rows (~300 KB).
+        filler = fill_disk(mount, leave=160_000)
+        one_line_error(run("index", photos, *three, "--index", index), 2, "no space left", "committed rows are kept")
+        store = Store(index)
+        assert {store.count(c) for c in store.conditions()} == {1016}
+        assert any(store.untidy(c) for c in store.conditions())  # what the failed run left
+        filler.unlink()
+
+        rerun = run("index", photos, *three, "--index", index, "--json")
+        assert rerun.returncode == 0, rerun.stderr
+        report = json.loads(rerun.stdout)
+        assert report["encoded"] == 0 and report["unchanged"] == 1016
+        store = Store(index)
+        assert not any(store.untidy(c) for c in store.conditions())
+        for c in store.conditions():
+            assert len(store._table(c).list_versions()) == 1
+        sizes = {c["instruction"]: c["bytes"] for c in json.loads(cli("conditions", "--index", index, "--json").stdout)["conditions"]}
+        assert check_json(index)["ok"]
+
+    reference = tmp_path / "reference"  # the same rows indexed in one clean run
+    assert run("index", photos, *three, "--model", tiny_focal, "--index", reference).returncode == 0
+    clean = {c["instruction"]: c["bytes"] for c in json.loads(cli("conditions", "--index", reference, "--json").stdout)["conditions"]}
+    for instruction, size in sizes.items():
+        assert abs(size - clean[instruction]) <= 0.02 * clean[instruction], (sizes, clean)
+
+
 # --- 3: a read-only index --------------------------------------------------------------------
 
 
@@ -165,6 +206,22 @@ def test_a_read_only_index_refuses_indexing_and_answers_queries_without_root(wor
     assert listing.returncode == 0 and json.loads(listing.stdout)["conditions"][0]["rows"] == 20, listing.stderr
     assert not (index / "faiss").exists()  # nothing was written
     print(f"ran as {who}")
+
+
+def test_a_new_index_in_an_unwritable_folder_names_that_folder_without_root(workspace):
+    base, model = workspace, workspace / "model"
+    photos = base / "photos"
+    make_image_folder(photos, 4)
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    locked = base / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for index in (locked / "index", locked / "new" / "index"):
+        result = run_unprivileged(focalsearch_command("index", photos, "--model", model, "--index", index), home=base)
+        line = one_line_error(result, 2, f"cannot create index {index}", f"folder {locked} cannot be written", "Permission denied")
+        assert "read-only" not in line
+    assert list(locked.iterdir()) == []
 
 
 def test_an_unreadable_file_is_skipped_as_permission_denied_without_root(tmp_path):
@@ -346,6 +403,40 @@ def test_a_finished_index_keeps_one_version_and_reports_its_bytes(tmp_path, tiny
     condition, = json.loads(cli("conditions", "--index", index, "--json").stdout)["conditions"]
     on_disk = sum(p.stat().st_size for p in table_folder(index, "color").rglob("*") if p.is_file())
     assert condition["bytes"] == on_disk and condition["rows"] == 60
+
+
+# --- commit cadence --------------------------------------------------------------------------------
+
+
+def test_a_run_killed_at_its_first_progress_report_keeps_rows(tmp_path, tiny_focal):
+    """The bar moves only after a batch's commit check, and a run's first batch is committed at
+    once: a kill as soon as the bar has moved finds rows in every condition, whatever the timing."""
+    from focalsearch.store import Store
+
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 600, size=(160, 120))
+    index = tmp_path / "index"
+    two = ["-i", "color", "-i", "shape"]
+    process, terminal = start_in_terminal(focalsearch_command("index", photos, *two, "--model", tiny_focal, "--index", index,
+                                                              "--batch-size", "8", "--workers", "1"))
+    try:
+        wait_for_output(terminal, process, r"\b[1-9]\d*/600\b")  # tqdm's first count above 0
+        process.kill()
+    finally:
+        process.kill()
+        process.wait()
+        os.close(terminal)
+    store = Store(index)
+    rows = {c.instruction: store.count(c) for c in store.conditions()}
+    assert set(rows) == {"color", "shape"}
+    assert all(0 < n < 600 for n in rows.values()), rows  # kept rows, and was stopped part-way
+
+    rerun = run("index", photos, *two, "--index", index, "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["conditions"] == {"color": 600, "shape": 600}
+    assert report["encoded"] + report["unchanged"] == 600 and report["unchanged"] >= min(rows.values())
+    assert check_json(index)["ok"]  # a deep read: no id twice
 
 
 # --- 10: small ones --------------------------------------------------------------------------------
