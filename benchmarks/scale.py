@@ -1,10 +1,10 @@
 """Scale-out figures, measured side by side in one run: the Ray engine's overhead and the streamed FAISS build.
 
     python benchmarks/scale.py [--json OUT] [--sizes 200000,1000000] [--dim 512] [--images 320]
-                               [--repeats 2] [--skip-ray] [--skip-faiss]
+                               [--repeats 2] [--model vit-b16] [--skip-ray] [--skip-faiss]
 
 (a) Ray-engine overhead. On a generated folder of photo-like JPEGs (1-4 MP) and a FocalLens-CLIP of
-    CLIP ViT-B/16's shape (random weights; benchmarks/throughput.py), `focalsearch index FOLDER
+    CLIP ViT-B/16's shape (random weights; benchmarks/throughput.py; --model picks another), `focalsearch index FOLDER
     -i color -i shape --json` runs as a user types it, each time into a fresh index and in a fresh
     process, with `--engine local` and with `--engine ray` against a Ray instance started
     beforehand with `ray start --head --num-cpus <cores>` (a cluster is up before its jobs are), plus
@@ -42,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# At the top, not inside measure_ray: a renamed helper then breaks every run of this script (and its
+# smoke run in tests/test_benchmarks_smoke.py), not only the Ray part that a smoke run skips.
+from throughput import VIT_SHAPES, make_photos, vit_checkpoint  # noqa: E402  (benchmarks/throughput.py, beside this file)
 
 RAY_GOAL = 0.8
 FAISS_GOAL = 1.3
@@ -77,11 +80,9 @@ def index_once(folder: Path, index: Path, model: str, engine: str, address: str 
 
 
 def measure_ray(args, scratch: Path) -> dict:
-    from throughput import make_photos, vit_b16_checkpoint
-
     folder = scratch / "photos"
     make_photos(folder, args.images)
-    model = str(vit_b16_checkpoint(scratch / "vit-b16"))
+    model = str(vit_checkpoint(args.model, scratch / args.model)) if args.model in VIT_SHAPES else args.model
     cores = len(os.sched_getaffinity(0))
     subprocess.run([_command("ray"), "start", "--head", f"--num-cpus={cores}", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True)
@@ -108,7 +109,8 @@ def measure_ray(args, scratch: Path) -> dict:
     best = {label: max(r, key=lambda x: x["images_per_second"]) for label, r in runs.items() if r}
     ratio = best["ray"]["images_per_second"] / best["local"]["images_per_second"]
     return {
-        "model": "vit-b16 (FocalLens-CLIP of CLIP ViT-B/16's shape, random weights)",
+        "model": (f"{args.model} (FocalLens-CLIP of the shape benchmarks/throughput.py gives it, random weights)"
+                  if args.model in VIT_SHAPES else args.model),
         "images": args.images, "instructions": list(INSTRUCTIONS), "cores": cores, "runs": runs, "best": best,
         "ray_over_local": round(ratio, 3),
         "ray_starting_its_own_over_local": round(best["ray (starts its own)"]["images_per_second"]
@@ -205,13 +207,14 @@ def measure_faiss(args, scratch: Path) -> dict:
         started = time.perf_counter()
         single_node = run_child("--child-make", str(root), "--child-rows", str(n), "--dim", str(args.dim))
         print(f"  {n:,} x {args.dim} table written in {time.perf_counter() - started:.0f} s", flush=True)
-        row = {"n": n, "dim": args.dim, "vector_mib": round(n * args.dim * 4 / 2**20, 1), "single_node": single_node}
+        vector_mib = n * args.dim * 4 / 2**20
+        row = {"n": n, "dim": args.dim, "vector_mib": round(vector_mib, 3), "single_node": single_node}
         for mode in ("streamed", "whole"):
             shutil.rmtree(root / "faiss", ignore_errors=True)
             built = run_child("--child-build", str(root), "--child-mode", mode)
             peak = built["peak_rss_mib"]
             row[mode] = built
-            print(f"  {n:,} {mode:<8}: peak RSS {peak:,.0f} MiB ({peak / row['vector_mib']:.2f} x the vectors), "
+            print(f"  {n:,} {mode:<8}: peak RSS {peak:,.0f} MiB ({peak / vector_mib:.2f} x the vectors), "
                   f"{built['seconds']:.0f} s, {built['kind']} {built['params']} recall@10 {built['recall_at_10']}", flush=True)
         rows.append(row)
         shutil.rmtree(root)
@@ -228,6 +231,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="200000,1000000")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--model", default="vit-b16",
+                        help="for the Ray runs: vit-b16 or vit-l14-336 (random weights, benchmarks/throughput.py), or any --model")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-faiss", action="store_true")
