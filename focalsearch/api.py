@@ -443,16 +443,17 @@ class FocalSearch:
     def enable_batching(self, *, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
         """Load the model now and encode queries from all threads in shared forward passes."""
         from focalsearch.batching import DynamicBatcher
-        from focalsearch.models.arithmetic import choose_query_arithmetic
+        from focalsearch.models.arithmetic import ArithmeticTrial
 
         store = self._open_store()
         recorded = self._index_model(store)
         if recorded is None:
             raise UserError(f"index {store.location} has no conditions yet")
         encoder = self._load_encoder(recorded)
-        # "auto": each query kind in whichever of float32 and bf16 autocast measures faster here
-        arithmetic = choose_query_arithmetic(encoder, self.precision)
-        self._batcher = DynamicBatcher(encoder, max_batch=max_batch, max_wait_ms=max_wait_ms, arithmetic=arithmetic)
+        # "auto": each query kind in whichever of float32 and bf16 autocast measures faster here, timed
+        # between queries once serving (float32 until then), so that start-up is float32's
+        trial = ArithmeticTrial(encoder, self.precision)
+        self._batcher = DynamicBatcher(encoder, max_batch=max_batch, max_wait_ms=max_wait_ms, trial=trial)
 
     def close(self) -> None:
         """Stop the batching thread, if any."""

@@ -3,8 +3,10 @@
 Concurrent queries each need one small forward pass. One worker thread takes every request that
 arrives within a short window (or until a batch is full), groups them by what they need (texts;
 images under one instruction), and runs one forward pass per group. The model is then only ever
-used from that thread. Each kind runs in the arithmetic ``arithmetic`` chose for it
-(focalsearch.models.arithmetic), else in the encoder's own.
+used from that thread. Each kind runs in the arithmetic a ``trial`` chose for it
+(focalsearch.models.arithmetic.ArithmeticTrial), else in the encoder's own; the trial's passes run
+in the same thread, one at a time, whenever no request is waiting, from the first query on (so the
+trial takes nothing from start-up, and an unused server spends nothing on it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ class DynamicBatcher:
     at most that much, and under load it is what lets requests share a forward pass.
     """
 
-    def __init__(self, encoder, *, max_batch: int = 32, max_wait_ms: float = 2.0, arithmetic=None):
+    def __init__(self, encoder, *, max_batch: int = 32, max_wait_ms: float = 2.0, trial=None):
         self.encoder = encoder
-        self.arithmetic = arithmetic  # a QueryArithmetic, or None: the encoder's arithmetic for every kind
+        self._trial = trial  # an ArithmeticTrial, or None: the encoder's arithmetic for every kind
+        self.arithmetic = trial.arithmetic if trial is not None else None  # a QueryArithmetic, settled once the trial is over
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.batches = 0  # forward passes run, for tests and benchmarks
@@ -61,7 +64,20 @@ class DynamicBatcher:
         self._queue.put(request)
         return request.future.result()
 
+    def _run_trial_while_idle(self) -> None:
+        """Trial passes, one at a time, for as long as no request waits (a request waits for one pass at most)."""
+        while self._trial is not None and self._queue.empty():
+            try:
+                more = self._trial.step()
+            except Exception as exc:  # the queries themselves will say what is wrong; keep float32
+                self._trial.abandon(f"{type(exc).__name__}: {exc}")
+                more = False
+            if not more:
+                self._trial = None
+
     def _take_batch(self) -> list[_Request] | None:
+        if self.batches:
+            self._run_trial_while_idle()
         first = self._queue.get()
         if first is None:
             return None
@@ -87,7 +103,7 @@ class DynamicBatcher:
             for (kind, instruction), requests in groups.items():
                 try:
                     payloads = [r.payload for r in requests]
-                    precision = self.arithmetic.precision(kind) if self.arithmetic is not None else None
+                    precision = self.arithmetic.precision(kind) if self.arithmetic is not None else None  # float32 during the trial
                     if kind == "text":
                         vectors = self.encoder.encode_texts(payloads, precision=precision)
                     else:

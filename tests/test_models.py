@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -218,8 +220,6 @@ class TimedEncoder:
         self.towers, self.min_decode_side = "both", 8
 
     def _pass(self, kind: str, precision: str) -> np.ndarray:
-        import time
-
         self.passes.append((kind, precision))
         time.sleep(self.seconds[(kind, precision)])
         return np.zeros((1, 4), np.float32)
@@ -234,52 +234,83 @@ class TimedEncoder:
 def test_auto_keeps_bf16_only_for_the_query_kind_where_it_is_clearly_faster():
     from focalsearch.models.arithmetic import choose_query_arithmetic
 
-    # bf16 loses on a few words and wins on an image's many tokens (a ViT-B/16 on an AMX CPU does)
+    # bf16 loses on a few words and wins on an image's many tokens (a ViT-B/16 on an AMX CPU may)
     encoder = TimedEncoder({("text", "float32"): 0.004, ("text", "bfloat16"): 0.02,
                             ("image", "float32"): 0.03, ("image", "bfloat16"): 0.006})
-    chosen = choose_query_arithmetic(encoder, budget_s=5)
-    assert (chosen.precision("text"), chosen.precision("image")) == ("float32", "bfloat16")
+    chosen = choose_query_arithmetic(encoder)
+    assert chosen.settled and (chosen.precision("text"), chosen.precision("image")) == ("float32", "bfloat16")
     assert chosen.kinds["image"].bfloat16_ms < chosen.kinds["image"].float32_ms
-    # both arithmetics were timed alternately, and nothing ran in the encoder's own (unnamed) arithmetic
-    assert {p for _, p in encoder.passes} == {"float32", "bfloat16"} and encoder.passes.count(("image", "bfloat16")) >= 3
+    # both arithmetics were timed, and nothing ran in the encoder's own (unnamed) arithmetic
+    assert {p for _, p in encoder.passes} == {"float32", "bfloat16"} and encoder.passes.count(("image", "bfloat16")) == 4
     # a bf16 win inside the margin is noise: float32 (exact, no kernels to build) stays
     close = TimedEncoder({("text", "float32"): 0.01, ("text", "bfloat16"): 0.0095,
                           ("image", "float32"): 0.01, ("image", "bfloat16"): 0.0095})
-    assert set(choose_query_arithmetic(close, budget_s=5).as_dict()["kinds"][k]["chosen"] for k in ("text", "image")) == {"float32"}
+    assert {t["chosen"] for t in choose_query_arithmetic(close).as_dict()["kinds"].values()} == {"float32"}
 
 
-def test_the_trial_stays_within_its_time_budget_and_explicit_precisions_are_kept():
-    from focalsearch.models.arithmetic import choose_query_arithmetic
+def test_no_trial_where_there_is_no_choice_or_a_pass_is_too_long(monkeypatch):
+    from focalsearch.models import arithmetic
 
     slow = {("text", "float32"): 0.05, ("text", "bfloat16"): 0.01, ("image", "float32"): 0.05, ("image", "bfloat16"): 0.01}
-    encoder = TimedEncoder(slow)
-    short = choose_query_arithmetic(encoder, budget_s=0.12)
-    assert short.precision("text") == short.precision("image") == "float32"  # no time to try bf16: float32
-    assert "no time left" in short.kinds["image"].note and ("image", "bfloat16") not in encoder.passes
-    assert short.seconds < 0.12 + 0.1  # at most one pass past the budget
     for precision in ("float32", "bfloat16"):
         untimed = TimedEncoder(slow)
-        kept = choose_query_arithmetic(untimed, precision)
+        kept = arithmetic.choose_query_arithmetic(untimed, precision)
         assert untimed.passes == [] and kept.precision("text") == kept.precision("image") == "bfloat16"  # the encoder's own
     gpu = TimedEncoder(slow, device="cuda")
-    assert choose_query_arithmetic(gpu).precision("image") == "bfloat16" and gpu.passes == []
+    assert arithmetic.choose_query_arithmetic(gpu).precision("image") == "bfloat16" and gpu.passes == []
+    # a query arriving during a trial pass waits for it: passes longer than MAX_PASS_S are not tried
+    monkeypatch.setattr(arithmetic, "MAX_PASS_S", 0.03)
+    long_passes = TimedEncoder(slow)
+    chosen = arithmetic.choose_query_arithmetic(long_passes)
+    assert chosen.precision("text") == chosen.precision("image") == "float32" and "too long" in chosen.kinds["image"].note
+    assert not [p for p in long_passes.passes if p[1] == "bfloat16"]
+
+
+def test_the_batcher_answers_in_float32_during_the_trial_and_runs_it_while_idle():
+    from focalsearch.batching import DynamicBatcher
+    from focalsearch.models.arithmetic import ArithmeticTrial
+
+    encoder = TimedEncoder({("text", "float32"): 0.05, ("text", "bfloat16"): 0.005,
+                            ("image", "float32"): 0.05, ("image", "bfloat16"): 0.005})
+    trial = ArithmeticTrial(encoder)
+    assert not trial.arithmetic.settled and trial.arithmetic.precision("text") == "float32"
+    batcher = DynamicBatcher(encoder, trial=trial)
+    try:
+        time.sleep(0.2)
+        assert encoder.passes == []  # no trial before the first query: start-up stays float32's
+        batcher.encode_text("a first query")
+        assert encoder.passes[0] == ("text", "float32")
+        batcher.encode_text("a query during the trial")  # waits for one trial pass at most
+        assert not batcher.arithmetic.settled, "the trial (about 0.6 s of passes) outlasts two queries"
+        assert all(precision is not None for _, precision in encoder.passes)  # the queries ran in float32, by name
+        deadline = time.monotonic() + 30
+        while not batcher.arithmetic.settled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.arithmetic.precision("text") == batcher.arithmetic.precision("image") == "bfloat16"
+        passes = len(encoder.passes)
+        batcher.encode_image(None, "color")
+        assert encoder.passes[passes:] == [("image", "bfloat16")]  # the chosen arithmetic, and no more trial
+    finally:
+        batcher.close()
 
 
 def test_the_batcher_encodes_each_kind_in_the_arithmetic_chosen_for_it(tiny_focal, images, monkeypatch):
     from focalsearch.batching import DynamicBatcher
     from focalsearch.models import encoders
-    from focalsearch.models.arithmetic import choose_query_arithmetic
+    from focalsearch.models.arithmetic import ArithmeticTrial, choose_query_arithmetic
 
     monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: True)
     encoder = create_encoder(str(tiny_focal))  # auto: bf16 autocast on a CPU with bf16
-    chosen = choose_query_arithmetic(encoder, budget_s=30)
+    chosen = choose_query_arithmetic(encoder)
     for kind in ("text", "image"):
         trial = chosen.kinds[kind]
         assert trial.float32_ms > 0 and trial.bfloat16_ms > 0
         assert trial.chosen == ("bfloat16" if trial.bfloat16_ms <= 0.9 * trial.float32_ms else "float32")
+    trial = ArithmeticTrial(encoder)
+    trial.run()
     # force one kind each way, and check the batcher's vectors are exactly that arithmetic's
-    chosen.kinds["text"].chosen, chosen.kinds["image"].chosen = "float32", "bfloat16"
-    batcher = DynamicBatcher(encoder, arithmetic=chosen)
+    trial.arithmetic.kinds["text"].chosen, trial.arithmetic.kinds["image"].chosen = "float32", "bfloat16"
+    batcher = DynamicBatcher(encoder, trial=trial)
     try:
         text = batcher.encode_text("a red circle")
         image = batcher.encode_image(images[0], "color")
