@@ -232,7 +232,7 @@ class TimedEncoder:
 
 
 def test_auto_keeps_bf16_only_for_the_query_kind_where_it_is_clearly_faster():
-    from focalsearch.models.arithmetic import choose_query_arithmetic
+    from focalsearch.models.arithmetic import MAX_ROUNDS, choose_query_arithmetic
 
     # bf16 loses on a few words and wins on an image's many tokens (a ViT-B/16 on an AMX CPU may)
     encoder = TimedEncoder({("text", "float32"): 0.004, ("text", "bfloat16"): 0.02,
@@ -241,7 +241,9 @@ def test_auto_keeps_bf16_only_for_the_query_kind_where_it_is_clearly_faster():
     assert chosen.settled and (chosen.precision("text"), chosen.precision("image")) == ("float32", "bfloat16")
     assert chosen.kinds["image"].bfloat16_ms < chosen.kinds["image"].float32_ms
     # both arithmetics were timed, and nothing ran in the encoder's own (unnamed) arithmetic
-    assert {p for _, p in encoder.passes} == {"float32", "bfloat16"} and encoder.passes.count(("image", "bfloat16")) == 4
+    assert {p for _, p in encoder.passes} == {"float32", "bfloat16"}
+    # cheap passes get more rounds (up to MAX_ROUNDS), so that their best is not one lucky or unlucky pass
+    assert encoder.passes.count(("image", "bfloat16")) == 1 + MAX_ROUNDS and f"{MAX_ROUNDS} alternated" in chosen.kinds["image"].note
     # a bf16 win inside the margin is noise: float32 (exact, no kernels to build) stays
     close = TimedEncoder({("text", "float32"): 0.01, ("text", "bfloat16"): 0.0095,
                           ("image", "float32"): 0.01, ("image", "bfloat16"): 0.0095})
