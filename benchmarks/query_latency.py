@@ -1,8 +1,9 @@
 """Where the time of a cold `focalsearch query` goes: imports, model load, encode, search, printing.
 
-    python benchmarks/query_latency.py [--model demo] [--repeats 5] [--json OUT]
+    python benchmarks/query_latency.py [--model demo] [--repeats 5] [--kinds image,text] [--images N] [--json OUT]
 
-It indexes examples/colorshape under "color" once, then for an image query and a text query runs
+It indexes examples/colorshape under "color" once (--images N: only its first N images), then for an
+image query and a text query (--kinds: either alone) runs
 (a) `focalsearch query` end to end in a fresh process, and (b) the same steps timed one by one in
 another fresh process, `--repeats` times each, and prints the median of every stage.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,15 +72,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", default="image,text", help="comma-separated query kinds: image, text")
+    parser.add_argument("--images", type=int, default=None, help="index only the first N example images (a smoke run)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if not kinds or set(kinds) - {"image", "text"}:
+        parser.error(f"--kinds takes image, text or both, not {args.kinds!r}")
     results = {}
     with tempfile.TemporaryDirectory() as root:
         index = str(Path(root) / "index")
+        folder = EXAMPLES
+        if args.images is not None:
+            folder = Path(root) / "images"
+            folder.mkdir()
+            for path in sorted((EXAMPLES / "images").glob("*.png"))[: args.images]:
+                shutil.copy(path, folder / path.name)
         cli = [sys.executable, "-m", "focalsearch.cli"]
-        subprocess.run([*cli, "index", str(EXAMPLES), "-i", "color", "--model", args.model, "--index", index],
+        subprocess.run([*cli, "index", str(folder), "-i", "color", "--model", args.model, "--index", index],
                        check=True, capture_output=True)
-        for kind, image, text in (("image query", str(QUERY_IMAGE), ""), ("text query", "", "blue")):
+        queries = {"image": ("image query", str(QUERY_IMAGE), ""), "text": ("text query", "", "blue")}
+        for kind, image, text in (queries[k] for k in kinds):
             command = [*cli, "query", "-i", "color", "--index", index] + ([image] if image else ["--text", text])
             walls, stages = [], []
             for _ in range(args.repeats):
