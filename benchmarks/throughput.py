@@ -185,7 +185,7 @@ def decode_ceiling(encoder, paths: list[Path], workers: int, draft: bool, repeat
 
 def instruction_tokens(encoder, instruction: str) -> int:
     """The tokens an instruction adds to a conditional encoding's sequence (0 for the plain pass)."""
-    if not instruction:
+    if not instruction or encoder.info.encoder != "focallens":  # clip, clip+text: the image sequence alone
         return 0
     return int(encoder._instruction_features(instruction, encoder.autocast_dtype).shape[1])
 
