@@ -182,6 +182,8 @@ def index(
         typer.echo(f"  ... and {len(report.skipped) - _SKIPPED_SHOWN} more (--json lists them all)")
     for name, rows in report.conditions.items():
         typer.echo(f"condition {_label(name)}: {rows} rows")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     t = report.timings
     typer.echo(
         f"{report.images_per_second:.1f} images/s over {report.seconds:.1f} s "

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from focalsearch import objectstore
-from focalsearch.errors import StorageError
+from focalsearch.errors import DiskFullError, StorageError
 from focalsearch.images import DEFAULT_MAX_PIXELS, FileStat, LoadedImage, SkippedImage, load_image, scan_images
 from focalsearch.store import VERSION_GRACE_SECONDS, Condition, FileRecord, Store, row_id
 
@@ -51,6 +51,7 @@ class IndexReport:
     timings: dict[str, float] = field(default_factory=lambda: {"scan": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0})
     model: str = ""
     encoder: str = ""
+    notes: list[str] = field(default_factory=list)  # what the run could not do, though it did its job
 
     @property
     def images_per_second(self) -> float:
@@ -68,6 +69,7 @@ class IndexReport:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "notes": self.notes,
         }
 
 
@@ -204,7 +206,7 @@ class Indexer:
             changed = [c for c in conditions if self.store.version(c) != versions[c.table]]
             tidied = [c for c in conditions if c in changed or self.store.untidy(c)] if completed else []
             if tidied:
-                self._compact(tidied)
+                self._compact(tidied, report, best_effort=not changed)
             for condition in conditions:
                 recorded = set(condition.roots) >= {str(r) for r in roots} and condition.rows is not None
                 if condition in changed or condition in tidied or not recorded:
@@ -237,19 +239,33 @@ class Indexer:
         self._commit(conditions, writes, report, force=False)
         bar.update(taken)
 
-    def _compact(self, conditions: Sequence[Condition]) -> None:
+    def _compact(self, conditions: Sequence[Condition], report: IndexReport, *, best_effort: bool = False) -> None:
         """Merge the run's small fragments, then delete the versions they superseded, and the data
         files of writes that never became a version (this run holds the index's write lock).
 
         A reader that opened an older version a moment ago may still be reading its files, so the
-        cleanup waits until the compaction is VERSION_GRACE_SECONDS old.
+        cleanup waits until the compaction is VERSION_GRACE_SECONDS old. With ``best_effort`` (a run
+        that wrote nothing, tidying what an earlier run left), a full disk skips the merge, which
+        needs space, and still deletes the old versions and leftover files, which frees it.
         """
+        unmerged = []
         for condition in conditions:
-            self.store.compact(condition)
+            try:
+                self.store.compact(condition)
+            except DiskFullError:
+                if not best_effort:
+                    raise
+                unmerged.append(condition)
         time.sleep(VERSION_GRACE_SECONDS)
         for condition in conditions:
-            # nothing left to merge: this deletes the versions it superseded and unused files
-            self.store.compact(condition, leftovers=True)
+            if condition in unmerged:
+                self.store.clean_up(condition)
+            else:  # nothing left to merge: this deletes the versions it superseded and unused files
+                self.store.compact(condition, leftovers=True)
+        if unmerged:
+            names = ", ".join(repr(c.instruction) for c in unmerged)
+            report.notes.append(f"the disk is full: old versions of {names} were deleted but their fragments not merged; "
+                                "a later run that adds rows merges them")
 
     @property
     def encoder(self) -> "ConditionalEncoder":

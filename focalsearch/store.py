@@ -671,6 +671,14 @@ class Store:
         with _storage_errors(self.location):
             _optimize(table, cleanup_seconds, leftovers)
 
+    def clean_up(self, condition: Condition, cleanup_seconds: float = VERSION_GRACE_SECONDS) -> None:
+        """Delete versions older than ``cleanup_seconds`` and data files no version uses, without
+        merging anything: it writes nothing, so it works, and frees space, on a full disk. Only a
+        writer holding the index's write lock may call it (see ``compact``)."""
+        table = self._table(condition)
+        with _storage_errors(self.location):
+            table.cleanup_old_versions(dt.timedelta(seconds=cleanup_seconds), delete_unverified=True)
+
     def untidy(self, condition: Condition) -> bool:
         """Whether the table keeps more than its latest version, or data files that version does
         not use: what a failed or interrupted run leaves until a run compacts and cleans it up."""
