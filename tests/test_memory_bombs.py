@@ -13,7 +13,6 @@ import os
 import struct
 import subprocess
 import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -98,25 +97,14 @@ def index(files, tiny_focal, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(index):
-    from test_server import _listening_port
+    from test_server import wait_until_serving
 
     process = subprocess.Popen(
         focalsearch_command("serve", "--index", index, "--port", "0", "--max-query-pixels", SERVER_CAP, "--threads", "1"),
         stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "server did not start"
-            port = _listening_port(process.pid)
-            try:
-                if port and httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    url = f"http://127.0.0.1:{port}"
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        url = wait_until_serving(process)
         yield {"url": url, "pid": process.pid}
     finally:
         process.terminate()

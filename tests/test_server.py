@@ -248,22 +248,30 @@ def _start_server(index: Path) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "focalsearch.cli", "serve", "--index", str(index), "--port", "0"],
         stderr=subprocess.PIPE, text=True,
     )
-    # uvicorn picks the port; find it from the process's listening socket.
-    deadline = time.monotonic() + 120
+    return process, wait_until_serving(process)
+
+
+def wait_until_serving(process: subprocess.Popen, seconds: float = 120, *, log: Path | None = None) -> str:
+    """The URL of a `focalsearch serve --port 0` subprocess once its /healthz answers 200.
+
+    uvicorn picks the port; it is found from the process's listening socket. The server's stderr
+    (``log``, or its pipe) is the error when it exits first.
+    """
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         port = _listening_port(process.pid)
         if port:
             url = f"http://127.0.0.1:{port}"
             try:
                 if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    return process, url
+                    return url
             except httpx.HTTPError:
                 pass
         if process.poll() is not None:
-            raise AssertionError(process.stderr.read())
+            raise AssertionError(log.read_text() if log else process.stderr.read())
         time.sleep(0.2)
     process.kill()
-    raise AssertionError("server did not start")
+    raise AssertionError("server did not start" + (": " + log.read_text() if log else ""))
 
 
 def _listening_port(pid: int) -> int | None:
@@ -350,17 +358,7 @@ def test_several_server_processes_share_the_port(served):
     process = subprocess.Popen([sys.executable, "-m", "focalsearch.cli", "serve", "--index", str(served["index"]), "--port", "0",
                                 "--workers", "2"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline, url = time.monotonic() + 120, None
-        while url is None and time.monotonic() < deadline:
-            port = _listening_port(process.pid)
-            try:
-                if port and httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    url = f"http://127.0.0.1:{port}"
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, process.stderr.read()
-            time.sleep(0.3)
-        assert url is not None
+        url = wait_until_serving(process)
         answers = [{r["path"]: r["score"] for r in httpx.post(url + "/api/search", json={"text": "star", "instruction": "shape", "k": 5},
                                                               timeout=60).json()["results"]} for _ in range(6)]
         # Every process answers the same, up to float noise: the demo's five nearest stars lie within

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ from focalsearch import errors
 from focalsearch.api import FocalSearch
 from focalsearch.cli import app as cli_app
 from focalsearch.server.security import HostPolicy
-from test_server import _listening_port
+from test_server import wait_until_serving
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="finds the ephemeral port through /proc")
 runner = CliRunner()
@@ -34,21 +33,8 @@ class Live:
         with open(log, "w") as stderr:
             self.process = subprocess.Popen([sys.executable, "-m", "focalsearch.cli", "serve", "--index", str(index), "--port", "0", *args],
                                             stderr=stderr, text=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            port = _listening_port(self.process.pid)
-            if port:
-                self.port, self.url = port, f"http://127.0.0.1:{port}"
-                try:
-                    httpx.get(self.url + "/healthz", timeout=2)
-                    return
-                except httpx.HTTPError:
-                    pass
-            if self.process.poll() is not None:
-                raise AssertionError(log.read_text())
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError("server did not start: " + log.read_text())
+        self.url = wait_until_serving(self.process, 180, log=log)
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         return httpx.request(method, self.url + path, timeout=60, **kwargs)
