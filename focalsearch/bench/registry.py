@@ -53,9 +53,13 @@ def encoder_to_load(name: str, encoder: str, model: str | None) -> str:
 
 
 def scoring_precision(encoder) -> str:
-    """The arithmetic the encoder runs in: its autocast dtype where it has one, else its weights'."""
-    dtype = getattr(encoder, "autocast_dtype", None) or getattr(encoder, "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+    """The arithmetic the encoder runs in (models.encoders.arithmetic_name); "unknown" for one that does not say."""
+    autocast, weights = getattr(encoder, "autocast_dtype", None), getattr(encoder, "dtype", None)
+    if autocast is None and weights is None:
+        return "unknown"
+    from focalsearch.models.encoders import arithmetic_name
+
+    return arithmetic_name(autocast, weights)
 
 
 def check_options(
