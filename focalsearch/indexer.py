@@ -265,7 +265,7 @@ class Indexer:
         if unmerged:
             names = ", ".join(repr(c.instruction) for c in unmerged)
             report.notes.append(f"the disk is full: old versions of {names} were deleted but their fragments not merged; "
-                                "a later run that adds rows merges them")
+                                "the next run with free space merges them")
 
     @property
     def encoder(self) -> "ConditionalEncoder":

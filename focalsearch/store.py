@@ -680,15 +680,19 @@ class Store:
             table.cleanup_old_versions(dt.timedelta(seconds=cleanup_seconds), delete_unverified=True)
 
     def untidy(self, condition: Condition) -> bool:
-        """Whether the table keeps more than its latest version, or data files that version does
-        not use: what a failed or interrupted run leaves until a run compacts and cleans it up."""
+        """Whether the table keeps more than its latest version, small fragments that a compaction
+        would merge, or data files that version does not use: what a failed or interrupted run (or a
+        cleanup on a full disk, which cannot merge) leaves until a run compacts and cleans it up."""
         table = self._table(condition)
         with self._reading(condition):
             if len(table.list_versions()) > 1:
                 return True
+            stats = table.stats()
+            if stats["fragment_stats"]["num_small_fragments"] > 1:
+                return True
             if self.uri is not None:
                 return False
-            live_bytes = int(table.stats()["total_bytes"])
+            live_bytes = int(stats["total_bytes"])
         return sum(size for size, _ in self.data_files(condition).values()) > live_bytes
 
     def snapshot(self, condition: Condition) -> tuple[int, pa.Array, np.ndarray]:

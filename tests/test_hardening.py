@@ -162,6 +162,7 @@ def test_a_rerun_that_encodes_nothing_cleans_up_after_a_full_disk(tmp_path, tiny
         store = Store(index)
         assert all(len(store._table(c).list_versions()) == 1 for c in store.conditions())
         assert {store.count(c) for c in store.conditions()} == {1016}
+        assert any(store.untidy(c) for c in store.conditions())  # unmerged: the next run with space merges
         filler.unlink()
 
         rerun = run("index", photos, *three, "--index", index, "--json")
