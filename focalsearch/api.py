@@ -32,7 +32,7 @@ from focalsearch.store import Condition, Store, damaged, is_index, quote_instruc
 if TYPE_CHECKING:
     from focalsearch.ray_engine import RayOptions
 
-_ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text")
+_ENCODER_NAMES = ("auto", "focallens", "clip", "clip+text", "mllm")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,11 @@ class ImagePage:
 
 
 MAX_CONDITIONS = 8
+
+
+def _recorded(condition: Condition) -> tuple[str, str, str]:
+    """What an index's vectors were made with: (model, encoder, prompt templates)."""
+    return condition.model, condition.encoder, condition.prompts
 
 
 class FocalSearch:
@@ -152,17 +157,17 @@ class FocalSearch:
             self._store = Store(self.index_dir, create=create)
         return self._store
 
-    def _index_model(self, store: Store) -> tuple[str, str] | None:
+    def _index_model(self, store: Store) -> tuple[str, str, str] | None:
         conditions = store.conditions()
-        return (conditions[0].model, conditions[0].encoder) if conditions else None
+        return _recorded(conditions[0]) if conditions else None
 
-    def _check_recorded(self, recorded: tuple[str, str] | None) -> tuple[str | None, str]:
+    def _check_recorded(self, recorded: tuple[str, str, str] | None) -> tuple[str | None, str]:
         """The (model, encoder) to use: the index's own, after checking what the user asked for."""
         from focalsearch.models import resolve_model
 
         if recorded is None:
             return self.model, self.encoder_name
-        recorded_model, recorded_encoder = recorded
+        recorded_model, recorded_encoder, _prompts = recorded
         if self.model is not None and resolve_model(self.model).model_id != recorded_model:
             raise ModelMismatchError(
                 f"index {self.index_dir} was built with model {recorded_model}, not "
@@ -174,7 +179,7 @@ class FocalSearch:
             )
         return recorded_model, recorded_encoder
 
-    def _load_encoder(self, recorded: tuple[str, str] | None, towers: str = "both"):
+    def _load_encoder(self, recorded: tuple[str, str, str] | None, towers: str = "both"):
         """Load the encoder (once per towers), checking that it matches what the index was built with."""
         from focalsearch.models import create_encoder
         from focalsearch.threads import configure_threads
@@ -186,6 +191,11 @@ class FocalSearch:
             loaded = self._encoders[towers] = create_encoder(
                 model, encoder=encoder, device=self.device, batch_size=self.batch_size, towers=towers,
                 precision=self.precision,
+            )
+        if recorded is not None and loaded.info.prompts != recorded[2]:
+            raise ModelMismatchError(
+                f"index {self.index_dir} was built under other prompt templates than model {loaded.info.model} now uses; "
+                "its vectors would not compare with new ones: use another --index, or rebuild this one"
             )
         return loaded
 
@@ -256,7 +266,7 @@ class FocalSearch:
                 raise damaged(f"condition {quote_instruction(instruction)}", health.problem, store.location)
         if recorded is None or any(store.find(i) is None for i in wanted):
             info = self._load_encoder(recorded).info
-            conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim) for i in wanted]
+            conditions = [store.ensure_condition(i, info.model, info.encoder, info.dim, info.prompts) for i in wanted]
         else:
             conditions = [store.find(i) for i in wanted]
         options = self._indexer_options(progress)
@@ -306,7 +316,7 @@ class FocalSearch:
         store = self._open_store()
 
         def reindex(condition: Condition, sources: list[Path | str]) -> None:
-            recorded = (condition.model, condition.encoder)
+            recorded = _recorded(condition)
             Indexer(store, lambda: self._load_encoder(recorded), **self._indexer_options(progress=False)).run(sources, [condition])
 
         if repair:
@@ -465,7 +475,7 @@ class FocalSearch:
         from focalsearch.models import needed_towers
 
         towers = needed_towers(condition.encoder, condition.instruction, image_query=image_query)
-        return self._load_encoder((condition.model, condition.encoder), towers)
+        return self._load_encoder(_recorded(condition), towers)
 
     def _encode_text(self, condition: Condition, text: str):
         if self._batcher is not None:

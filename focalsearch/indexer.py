@@ -291,7 +291,7 @@ class Indexer:
         loaded_encoder = self._encoder
         min_side = loaded_encoder.min_decode_side if loaded_encoder is not None else None
         result = load_image(stat, max_pixels=self.max_pixels, min_side=min_side)
-        pixels = self.encoder.preprocess([result.image])[0] if isinstance(result, LoadedImage) else None
+        pixels = self.encoder.prepare(result.image) if isinstance(result, LoadedImage) else None
         return _Decoded(stat, stale, result, pixels, time.perf_counter() - started)
 
     def _encodes_on_cpu(self) -> bool:
@@ -363,25 +363,22 @@ class Indexer:
             report.unchanged += 1
 
     def _encode(self, batch: _Batch, records, writes: dict[str, _Writes], report: IndexReport) -> None:
+        """Encode the batch: rows that need the same conditions go to the encoder together, with all of
+        those conditions' instructions at once (so that a family can share work across them)."""
         if not len(batch):
             return
-        import torch
-
-        pixels = torch.stack(batch.pixels)
-        device = self.encoder.device
-        if device.type == "cuda":
-            # One pinned, asynchronous copy per batch, shared by every condition (encode_pixels then only casts).
-            pixels = pixels.pin_memory().to(device, non_blocking=True)
-        conditions = {c.table: c for needs in batch.needs for c in needs}
-        for condition in conditions.values():
-            rows = [i for i, needs in enumerate(batch.needs) if condition in needs]
+        groups: dict[tuple, list[int]] = {}
+        for i, needs in enumerate(batch.needs):
+            groups.setdefault(needs, []).append(i)
+        for needs, rows in groups.items():
             started = time.perf_counter()
-            subset = pixels if len(rows) == len(pixels) else pixels[rows]
-            vectors = self.encoder.encode_pixels(subset, condition.instruction)
+            pixels = self.encoder.collate([batch.pixels[i] for i in rows])
+            arrays = self.encoder.encode_batch(pixels, [c.instruction for c in needs])
             report.timings["encode"] += time.perf_counter() - started
-            known = records[condition.table]
-            for i, vector in zip(rows, vectors):
-                writes[condition.table].put(batch.records[i], vector, new=batch.records[i].path not in known)
+            for condition, vectors in zip(needs, arrays):
+                known = records[condition.table]
+                for i, vector in zip(rows, vectors):
+                    writes[condition.table].put(batch.records[i], vector, new=batch.records[i].path not in known)
 
     def _new_writes(self) -> _Writes:
         return _Writes()

@@ -114,7 +114,7 @@ class _Encode:
             wanted = [i for i in range(rows) if table in list(batch["needs"][i])]
             vectors = None
             if wanted:
-                encoded = np.asarray(self.encoder.encode_pixels(pixels[wanted], instruction), dtype=np.float32)
+                encoded = np.asarray(self.encoder.encode_pixels(self.encoder.select(pixels, wanted), instruction), dtype=np.float32)
                 vectors = np.zeros((rows, encoded.shape[1]), np.float32)  # rows that do not need it: ignored
                 vectors[wanted] = encoded
             out[_VECTORS + table] = vectors if vectors is not None else np.zeros((rows, 1), np.float32)

@@ -51,6 +51,7 @@ _CATALOG_SCHEMA = pa.schema(
         pa.field("roots", pa.string()),  # JSON list of the folders and files indexed, for --repair
         pa.field("rows", pa.int64()),  # the table's rows and version when the catalog was last written
         pa.field("table_version", pa.int64()),
+        pa.field("prompts", pa.string()),  # the MLLM family's prompt templates (JSON); null for the CLIP family
     ]
 )
 # A table keeps its own condition in its schema metadata, so a lost catalog can be rebuilt from the tables.
@@ -88,10 +89,11 @@ def row_id(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def table_name(model: str, encoder: str, instruction: str) -> str:
+def table_name(model: str, encoder: str, instruction: str, prompts: str = "") -> str:
     """Readable, unique table name for a condition: slug of the instruction plus a short hash."""
     slug = re.sub(r"[^a-z0-9]+", "-", instruction.lower()).strip("-")[:40] or "unconditional"
-    digest = hashlib.sha1(f"{model}\0{encoder}\0{instruction}".encode()).hexdigest()[:8]
+    key = f"{model}\0{encoder}\0{instruction}" + (f"\0{prompts}" if prompts else "")
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return f"{slug}-{digest}"
 
 
@@ -109,6 +111,7 @@ class Condition:
     roots: tuple[str, ...] = ()
     rows: int | None = None
     table_version: int | None = None
+    prompts: str = ""  # the MLLM family's prompt templates, JSON: vectors made under other prompts are another condition
 
     def catalog_row(self) -> dict:
         row = dict(self.__dict__)
@@ -119,6 +122,7 @@ class Condition:
     def from_catalog_row(cls, row: dict) -> "Condition":
         row = {k: v for k, v in row.items() if k in cls.__dataclass_fields__}
         row["roots"] = tuple(json.loads(row.get("roots") or "[]"))
+        row["prompts"] = row.get("prompts") or ""
         return cls(**row)
 
 
@@ -391,20 +395,21 @@ class Store:
         """The condition for a normalised instruction, if indexed."""
         return next((c for c in self.conditions() if c.instruction == instruction), None)
 
-    def ensure_condition(self, instruction: str, model: str, encoder: str, dim: int) -> Condition:
+    def ensure_condition(self, instruction: str, model: str, encoder: str, dim: int, prompts: str = "") -> Condition:
         """Return the condition, creating its table and catalog entry when new."""
         existing = self.find(instruction)
         if existing is not None:
             return existing
         now = _now()
-        condition = Condition(table_name(model, encoder, instruction), instruction, model, encoder, dim, now, now)
+        condition = Condition(table_name(model, encoder, instruction, prompts), instruction, model, encoder, dim, now, now,
+                              prompts=prompts)
         self.create_table(condition)
         self.write_catalog(condition)
         return condition
 
     def create_table(self, condition: Condition) -> None:
         """Create the condition's empty table, its condition recorded in the schema's metadata."""
-        described = {k: v for k, v in condition.catalog_row().items() if k in ("instruction", "model", "encoder", "dim")}
+        described = {k: v for k, v in condition.catalog_row().items() if k in ("instruction", "model", "encoder", "dim", "prompts")}
         described["created_at"] = condition.created_at.isoformat()
         schema = row_schema(condition.dim, {CONDITION_METADATA_KEY: json.dumps(described).encode()})
         self._forget(condition.table)

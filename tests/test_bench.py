@@ -107,6 +107,12 @@ class _FakeEncoder:
     def encode_images(self, images, instruction=""):
         return self.encode_pixels(self.preprocess(images), instruction)
 
+    def select(self, batch, rows):
+        return batch[list(rows)]
+
+    def encode_batch(self, batch, instructions):
+        return [self.encode_pixels(batch, instruction) for instruction in instructions]
+
 
 class PerfectEncoder(_FakeEncoder):
     def encode_pixels(self, pixels, instruction=""):

@@ -105,25 +105,25 @@ def test_rows_are_committed_by_time_not_by_batch(tmp_path, tiny_focal, monkeypat
 
 
 def test_an_interrupt_commits_what_was_already_encoded(tmp_path, tiny_focal, monkeypatch):
-    from focalsearch.models.encoders import ConditionalEncoder
+    from focalsearch.models.clip_family import ClipFamilyEncoder
 
     photos = tmp_path / "photos"
     make_image_folder(photos, 12)
-    real_encode, calls = ConditionalEncoder.encode_pixels, []
+    real_encode, calls = ClipFamilyEncoder.encode_batch, []
 
-    def interrupted_on_third_batch(self, pixels, instruction=""):
+    def interrupted_on_third_batch(self, pixels, instructions, **options):
         calls.append(len(pixels))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_encode(self, pixels, instruction)
+        return real_encode(self, pixels, instructions, **options)
 
-    monkeypatch.setattr(ConditionalEncoder, "encode_pixels", interrupted_on_third_batch)
+    monkeypatch.setattr(ClipFamilyEncoder, "encode_batch", interrupted_on_third_batch)
     engine = FocalSearch(tmp_path / "index", model=str(tiny_focal), batch_size=4, commit_seconds=3600)
     with pytest.raises(KeyboardInterrupt):
         engine.index([photos], ["color"])
     assert engine.conditions()[0].rows == 8
 
-    monkeypatch.setattr(ConditionalEncoder, "encode_pixels", real_encode)
+    monkeypatch.setattr(ClipFamilyEncoder, "encode_batch", real_encode)
     report = engine.index([photos], ["color"])
     assert (report.encoded, report.unchanged, report.conditions) == (4, 8, {"color": 12})
 
@@ -208,7 +208,7 @@ def test_a_rerun_with_nothing_to_encode_does_not_load_the_model(tmp_path, tiny_f
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("focalsearch.models.encoders.ConditionalEncoder.__init__", no_model)
+    monkeypatch.setattr("focalsearch.models.clip_family.ClipFamilyEncoder.__init__", no_model)
     report = FocalSearch(tmp_path / "index").index([photos], ["color"])
     assert (report.encoded, report.unchanged, len(report.skipped)) == (0, 5, 1)
 

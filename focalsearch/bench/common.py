@@ -228,15 +228,15 @@ def encode_requests(
                 needs.append(instruction)
     vectors: dict[tuple[Hashable, str], np.ndarray] = {}
     for keys, pixels in _decoded_batches(encoder, list(wanted), load, progress, desc, workers):
-        by_instruction: dict[str, list[int]] = {}
+        groups: dict[tuple[str, ...], list[int]] = {}  # rows asking for the same instructions: one encoder call
         for row, key in enumerate(keys):
-            for instruction in [""] if ignores_instruction else wanted[key]:
-                by_instruction.setdefault(instruction, []).append(row)
-        for instruction, rows in by_instruction.items():
-            encoded = encoder.encode_pixels(pixels[rows], instruction)
-            for row, vector in zip(rows, encoded):
-                for asked in wanted[keys[row]] if ignores_instruction else [instruction]:
-                    vectors[(keys[row], asked)] = vector
+            groups.setdefault(("",) if ignores_instruction else tuple(wanted[key]), []).append(row)
+        for needs, rows in groups.items():
+            arrays = encoder.encode_batch(encoder.select(pixels, rows), list(needs))
+            for instruction, encoded in zip(needs, arrays):
+                for row, vector in zip(rows, encoded):
+                    for asked in wanted[keys[row]] if ignores_instruction else [instruction]:
+                        vectors[(keys[row], asked)] = vector
     return vectors
 
 
@@ -255,8 +255,8 @@ def encode_grid(
     grids = {i: np.zeros((len(keys), encoder.info.dim), np.float16) for i in distinct}
     row = 0
     for chunk, pixels in _decoded_batches(encoder, keys, load, progress, desc, workers):
-        for instruction, grid in grids.items():
-            grid[row : row + len(chunk)] = encoder.encode_pixels(pixels, instruction)
+        for grid, encoded in zip(grids.values(), encoder.encode_batch(pixels, list(grids))):
+            grid[row : row + len(chunk)] = encoded
         row += len(chunk)
     return {i: grids["" if encoder.info.encoder == "clip" else i] for i in instructions}
 

@@ -10,6 +10,7 @@ import importlib
 _EXPORTS = {
     "ENCODERS": "encoders",
     "ConditionalEncoder": "encoders",
+    "CLIP_ENCODERS": "encoders",
     "EncoderInfo": "encoders",
     "create_encoder": "encoders",
     "needed_towers": "encoders",

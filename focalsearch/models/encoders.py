@@ -1,9 +1,9 @@
-"""The ConditionalEncoder interface and its CLIP-family implementations."""
+"""The ConditionalEncoder interface, shared arithmetic helpers, and create_encoder (which picks the family)."""
 
 from __future__ import annotations
 
 import contextlib
-import threading
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,10 +14,10 @@ from PIL import Image
 from focalsearch.defaults import PRECISIONS
 from focalsearch.errors import UserError
 from focalsearch.instructions import normalize_instruction
-from focalsearch.models.focallens_clip import FocalLensCLIPConfig, FocalLensCLIPModel
-from focalsearch.models.loading import ModelRef, load_clip_family, load_config, resolve_model
+from focalsearch.models.loading import ModelRef, load_config, resolve_model
 
-ENCODERS = ("focallens", "clip", "clip+text")
+CLIP_ENCODERS = ("focallens", "clip", "clip+text")
+ENCODERS = (*CLIP_ENCODERS, "mllm")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class EncoderInfo:
     encoder: str
     model: str
     dim: int
+    prompts: str = ""  # the MLLM family's prompt templates (JSON): part of the condition
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -80,91 +81,96 @@ def arithmetic_name(autocast_dtype: torch.dtype | None, weights: torch.dtype = t
 def needed_towers(encoder: str, instruction: str, *, image_query: bool) -> str:
     """Which towers a query needs: a text query only the text tower; an image query the vision
     tower, plus the text tower where the instruction is read (focallens, clip+text)."""
+    if encoder == "mllm":  # one model reads both
+        return "both"
     if not image_query:
         return "text"
     return "vision" if encoder == "clip" or not normalize_instruction(instruction) else "both"
 
 
-def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-class ConditionalEncoder:
-    """Encodes images under an instruction, and texts, into L2-normalised float32 vectors.
+class ConditionalEncoder(ABC):
+    """Encodes images under instructions, and texts, into L2-normalised float32 vectors (design §2).
 
-    ``encoder`` picks how the instruction is used:
-    - ``focallens``: instruction tokens join the ViT's sequence (FocalLens-CLIP checkpoints);
-    - ``clip``: the instruction is ignored;
-    - ``clip+text``: normalised mean of the image and the instruction's text embedding.
-    An empty instruction always gives the plain CLIP image embedding.
+    One implementation per family: the CLIP family (clip_family.ClipFamilyEncoder: focallens, clip,
+    clip+text) and the MLLM family (mllm_family.MllmEncoder). Callers never branch on the family.
 
-    ``towers`` ("both", "text" or "vision") loads only what a caller needs (see needed_towers);
-    asking a one-tower encoder for the other tower's work is a programming error.
+    A batch goes through three steps: ``prepare`` one decoded RGB image (in decode workers),
+    ``collate`` the prepared items, then ``encode_batch`` under *all* of a run's instructions at once,
+    which lets a family share work across them. ``towers`` ("both", "text" or "vision") is what a
+    caller asked to load (see needed_towers).
     """
 
-    def __init__(
-        self,
-        ref: ModelRef,
-        encoder: str = "auto",
-        device: str = "auto",
-        batch_size: int = 32,
-        towers: str = "both",
-        precision: str = "auto",
-    ):
-        self.device = pick_device(device)
-        self.dtype, self.autocast_dtype = compute_dtypes(self.device, precision)
-        model, tokenizer, processor = load_clip_family(ref, towers)
-        if towers == "both":
-            is_focallens = isinstance(model, FocalLensCLIPModel)
-        else:
-            is_focallens = isinstance(load_config(ref), FocalLensCLIPConfig)
-        self.towers = towers
-        if encoder == "auto":
-            encoder = "focallens" if is_focallens else "clip+text"
-        if encoder not in ENCODERS:
-            raise UserError(f"unknown encoder {encoder!r}; use one of: auto, {', '.join(ENCODERS)}")
-        if encoder == "focallens" and not is_focallens:
-            raise UserError(
-                f"model {ref.model_id} is a plain CLIP checkpoint; use --encoder clip or clip+text, "
-                "or turn it into FocalLens-CLIP with `focalsearch model init`"
-            )
-        self.model = model.to(self.device, dtype=self.dtype)
-        self.tokenizer = tokenizer
-        self.image_processor = processor
-        self.batch_size = batch_size
-        self.info = EncoderInfo(encoder=encoder, model=ref.model_id, dim=model.config.projection_dim)
-        text_config = model.config if towers == "text" else getattr(model.config, "text_config", None)
-        self._max_text_length = text_config.max_position_embeddings if text_config is not None else 0
-        # (instruction, autocast dtype) -> its tokens (focallens) or text embedding (clip+text)
-        self._instruction_cache: dict[tuple[str, torch.dtype | None], torch.Tensor] = {}
-        self._lock = threading.Lock()
+    info: EncoderInfo
+    device: torch.device
+    dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    towers: str = "both"
+    batch_size: int = 32
+    image_processor = None
 
     # -- inputs -------------------------------------------------------------------------------
     @property
     def min_decode_side(self) -> int:
         """The smallest side an image may be decoded at without changing what preprocessing keeps."""
         size, crop = self.image_processor.size, getattr(self.image_processor, "crop_size", None)
-        sides = [getattr(size, "shortest_edge", None), getattr(size, "height", None), getattr(size, "width", None)]
-        if crop is not None:
-            sides += [getattr(crop, "height", None), getattr(crop, "width", None)]
+        names = ("shortest_edge", "longest_edge", "height", "width")
+        sides = [_size_field(size, n) for n in names] + [_size_field(crop, n) for n in names]
         return max(s for s in sides if s)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize, crop and normalise RGB images into a (N, 3, H, W) float32 tensor."""
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    @abstractmethod
+    def prepare(self, image: Image.Image):
+        """One decoded RGB image as this encoder's model input (runs in decode workers)."""
 
-    def _tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        self._require("text")
-        limit = self._max_text_length
-        tokens = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=min(max_length or limit, limit),
-            return_tensors="pt",
-        )
-        return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+    @abstractmethod
+    def collate(self, items: Sequence):
+        """A batch of prepared images."""
 
+    def select(self, batch, rows: Sequence[int]):
+        """The rows of a collated batch, as a batch."""
+        return batch[list(rows)]
+
+    def preprocess(self, images: Sequence[Image.Image]):
+        """Prepare and collate RGB images."""
+        return self.collate([self.prepare(image) for image in images])
+
+    # -- encoding -------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_batch(self, batch, instructions: Sequence[str], *, precision: str | None = None) -> list[np.ndarray]:
+        """One (N, dim) array per instruction for a collated batch (in ``precision``; None: this encoder's arithmetic)."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str], *, precision: str | None = None) -> np.ndarray:
+        """Texts as query vectors, in batches."""
+
+    def encode_pixels(self, batch, instruction: str = "", *, precision: str | None = None) -> np.ndarray:
+        """A collated batch under one instruction."""
+        return self.encode_batch(batch, [instruction], precision=precision)[0]
+
+    def encode_images_under(self, images: Sequence[Image.Image], instructions: Sequence[str], *,
+                            precision: str | None = None) -> list[np.ndarray]:
+        """RGB images under each instruction, in batches: one (N, dim) array per instruction."""
+        chunks = [self.encode_batch(self.preprocess(images[i : i + self.batch_size]), instructions, precision=precision)
+                  for i in range(0, len(images), self.batch_size)]
+        if not chunks:
+            return [np.zeros((0, self.info.dim), np.float32) for _ in instructions]
+        return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(instructions))]
+
+    def encode_images(self, images: Sequence[Image.Image], instruction: str = "", *, precision: str | None = None) -> np.ndarray:
+        """RGB images under one instruction, in batches."""
+        return self.encode_images_under(images, [instruction], precision=precision)[0]
+
+    # -- unnormalised features: GeneCIS's official image+text baseline averages these -----------
+    def raw_image_features(self, pixel_values) -> np.ndarray:
+        raise UserError(f"the {self.info.encoder} encoder has no plain CLIP features; this baseline needs a CLIP checkpoint")
+
+    def raw_text_features(self, texts: Sequence[str]) -> np.ndarray:
+        raise UserError(f"the {self.info.encoder} encoder has no plain CLIP features; this baseline needs a CLIP checkpoint")
+
+    # -- arithmetic -----------------------------------------------------------------------------
     def _autocast(self, dtype: torch.dtype | None):
         """One pass's arithmetic: autocast to ``dtype``, or None for the weights' own dtype."""
         if dtype is None:
@@ -182,95 +188,18 @@ class ConditionalEncoder:
             return None if precision == "float32" else torch.bfloat16
         raise ValueError(f"an encoder with {self.dtype} weights cannot run a pass in {precision!r}")
 
-    def _require(self, tower: str) -> None:
-        if self.towers not in ("both", tower):
-            raise RuntimeError(f"this encoder was loaded with the {self.towers} tower only; it cannot use the {tower} tower")
 
-    # -- instruction features, computed once per instruction ----------------------------------
-    def _instruction_features(self, instruction: str, autocast: torch.dtype | None):
-        self._require("text")
-        key = (instruction, autocast)  # kept per arithmetic, so that a float32 pass reads float32 features
-        with self._lock:
-            if key not in self._instruction_cache:
-                if self.info.encoder == "focallens":
-                    tokens = self._tokenize([instruction], self.model.config.instruction_max_length)
-                    keep = tokens["attention_mask"][0].bool()
-                    ids = tokens["input_ids"][:, keep]
-                    with self._autocast(autocast):
-                        self._instruction_cache[key] = self.model.instruction_tokens(ids)
-                else:
-                    self._instruction_cache[key] = self._text_features([instruction], autocast)[0]
-            return self._instruction_cache[key]
+def _size_field(size, name: str) -> int | None:
+    if size is None:
+        return None
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
 
-    # -- encoding -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def encode_pixels(self, pixel_values: torch.Tensor, instruction: str = "", *, precision: str | None = None) -> np.ndarray:
-        """Encode a preprocessed batch under one instruction (in ``precision``; None: this encoder's arithmetic)."""
-        self._require("vision")
-        autocast = self.autocast_for(precision)
-        instruction = normalize_instruction(instruction)
-        pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
-        conditioned = bool(instruction) and self.info.encoder != "clip"
-        read = self._instruction_features(instruction, autocast) if conditioned else None  # tokens, or a text embedding
-        with self._autocast(autocast):
-            if conditioned and self.info.encoder == "focallens":
-                features = _l2_normalize(self.model.conditional_image_features(pixels, read))
-            else:
-                features = _l2_normalize(self._image_features(pixels))
-        if conditioned and self.info.encoder == "clip+text":
-            features = _l2_normalize(features + read[None, :])
-        return features.cpu().numpy().astype(np.float32, copy=False)
 
-    def encode_images(self, images: Sequence[Image.Image], instruction: str = "", *, precision: str | None = None) -> np.ndarray:
-        """Encode RGB images under an instruction, in batches (in ``precision``; None: this encoder's arithmetic)."""
-        chunks = [
-            self.encode_pixels(self.preprocess(images[i : i + self.batch_size]), instruction, precision=precision)
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.info.dim), np.float32)
+def model_family(ref: ModelRef) -> str:
+    """ "clip" or "mllm", from the checkpoint's config (model_type)."""
+    from focalsearch.models.loading import family_of
 
-    @torch.inference_mode()
-    def _text_features(self, texts: Sequence[str], autocast: torch.dtype | None) -> torch.Tensor:
-        tokens = self._tokenize(texts)
-        with self._autocast(autocast):
-            if self.towers == "text":
-                return _l2_normalize(self.model(**tokens).text_embeds)
-            return _l2_normalize(self.model.get_text_features(**tokens).pooler_output)
-
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.towers == "vision":
-            return self.model(pixel_values=pixels).image_embeds
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
-
-    def encode_texts(self, texts: Sequence[str], *, precision: str | None = None) -> np.ndarray:
-        """Encode texts with the text tower, in batches (in ``precision``; None: this encoder's arithmetic)."""
-        autocast = self.autocast_for(precision)
-        chunks = [
-            self._text_features(texts[i : i + self.batch_size], autocast).cpu().numpy()
-            for i in range(0, len(texts), self.batch_size)
-        ]
-        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, self.info.dim), np.float32)
-
-    # -- unnormalised features: GeneCIS's official image+text baseline averages these -----------
-    @torch.inference_mode()
-    def raw_image_features(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """Plain CLIP image embeddings of a preprocessed batch, before L2 normalisation (no instruction)."""
-        self._require("vision")
-        pixels = pixel_values.to(self.device, dtype=self.dtype)
-        with self._autocast(self.autocast_dtype):
-            features = self._image_features(pixels)
-        return features.float().cpu().numpy()
-
-    @torch.inference_mode()
-    def raw_text_features(self, texts: Sequence[str]) -> np.ndarray:
-        """Plain CLIP text embeddings, before L2 normalisation."""
-        tokens = self._tokenize(texts)
-        with self._autocast(self.autocast_dtype):
-            if self.towers == "text":
-                features = self.model(**tokens).text_embeds
-            else:
-                features = self.model.get_text_features(**tokens).pooler_output
-        return features.float().cpu().numpy()
+    return family_of(load_config(ref))
 
 
 def create_encoder(
@@ -281,7 +210,24 @@ def create_encoder(
     towers: str = "both",
     precision: str = "auto",
 ) -> ConditionalEncoder:
-    """Load a ConditionalEncoder from a hub id or local folder (None = the default model)."""
-    return ConditionalEncoder(
-        resolve_model(model), encoder=encoder, device=device, batch_size=batch_size, towers=towers, precision=precision
-    )
+    """Load an encoder from a hub id or local folder (None = the default model).
+
+    ``encoder`` "auto" follows the checkpoint's family; "mllm" asks for the MLLM family and the
+    others for the CLIP family, and a checkpoint of the other family is a one-line error.
+    """
+    if encoder not in ENCODERS and encoder != "auto":
+        raise UserError(f"unknown encoder {encoder!r}; use one of: auto, {', '.join(ENCODERS)}")
+    ref = resolve_model(model)
+    family = model_family(ref)
+    if encoder == "mllm" and family != "mllm":
+        raise UserError(f"model {ref.model_id} is a CLIP-family checkpoint, not a vision-language model; "
+                        f"use --encoder {', '.join(CLIP_ENCODERS)} or auto")
+    if family == "mllm":
+        if encoder not in ("auto", "mllm"):
+            raise UserError(f"model {ref.model_id} is a vision-language (MLLM) checkpoint; use --encoder mllm or auto")
+        from focalsearch.models.mllm_family import MllmEncoder
+
+        return MllmEncoder(ref, device=device, batch_size=batch_size, precision=precision)
+    from focalsearch.models.clip_family import ClipFamilyEncoder
+
+    return ClipFamilyEncoder(ref, encoder=encoder, device=device, batch_size=batch_size, towers=towers, precision=precision)

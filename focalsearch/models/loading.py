@@ -1,4 +1,4 @@
-"""Resolve a model name or path and load CLIP / FocalLens-CLIP checkpoints (safetensors only)."""
+"""Resolve a model name or path and load checkpoints of either encoder family (safetensors only)."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def load_clip_family(ref: ModelRef, towers: str = "both"):
     else:
         raise ModelLoadError(
             f"model {ref.model_id} is a '{config.model_type}' checkpoint; "
-            "FocalSearch needs a CLIP or FocalLens-CLIP checkpoint"
+            "FocalSearch needs a CLIP, FocalLens-CLIP or vision-language (LLaVA-style) checkpoint"
         )
     try:
         if towers == "both":
@@ -161,6 +161,56 @@ def load_clip_family(ref: ModelRef, towers: str = "both"):
     except Exception as exc:
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
     return model.eval(), tokenizer, processor
+
+
+def family_of(config) -> str:
+    """The encoder family a checkpoint belongs to: "clip" (CLIP, FocalLens-CLIP) or "mllm" (a vision-language
+    model that transformers loads with AutoModelForImageTextToText: LLaVA, SmolVLM, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from focalsearch.models.focallens_clip import FocalLensCLIPConfig
+
+    if isinstance(config, FocalLensCLIPConfig) or config.model_type == "clip":
+        return "clip"
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return "mllm"
+    return "unknown"
+
+
+# A FocalLens-trained MLLM keeps its projection head beside the transformers checkpoint, which stays
+# loadable as the plain vision-language model it was.
+MLLM_HEAD_FILE = "focallens_head.safetensors"
+
+
+def load_mllm_family(ref: ModelRef):
+    """Load a vision-language checkpoint: (model, processor, head weights or None).
+
+    The model is whatever AutoModelForImageTextToText maps its config to; the processor brings the
+    tokenizer, the image processor and the chat template.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import cached_file
+
+    quiet_transformers()
+    options = _load_options(ref)
+    config = load_config(ref, options)
+    if family_of(config) != "mllm":
+        raise ModelLoadError(f"model {ref.model_id} is a '{config.model_type}' checkpoint, not a vision-language model "
+                             "that transformers' AutoModelForImageTextToText loads")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(ref.location, use_safetensors=True, **options)
+        processor = AutoProcessor.from_pretrained(ref.location, **options)
+        head_file = cached_file(ref.location, MLLM_HEAD_FILE, _raise_exceptions_for_missing_entries=False, **options)
+    except Exception as exc:
+        raise ModelLoadError(_cannot_load(ref, exc)) from exc
+    if getattr(processor, "chat_template", None) is None:
+        raise ModelLoadError(f"model {ref.model_id} has no chat template; FocalSearch reads images and instructions through it")
+    head = None
+    if head_file:
+        from safetensors.torch import load_file
+
+        head = load_file(head_file)
+    return model.eval(), processor, head
 
 
 def _load_tower(ref: ModelRef, config, tower: str, options: dict):
