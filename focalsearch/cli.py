@@ -129,7 +129,7 @@ def index(
     ] = None,
     index_dir: IndexDir = DEFAULT_INDEX,
     model: ModelOpt = None,
-    encoder: Annotated[str, typer.Option("--encoder", help="auto, focallens, clip or clip+text.")] = "auto",
+    encoder: Annotated[str, typer.Option("--encoder", help="auto (from the checkpoint's config), focallens, clip or clip+text (CLIP family), or mllm (a LLaVA-style vision-language model).")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per encoder batch.")] = 32,
     commit_every: Annotated[
         float, typer.Option("--commit-every", min=0, help="Seconds between commits (the first batch is committed at once): "
@@ -553,7 +553,7 @@ def bench(
         typer.Option(
             "--encoder",
             help="auto (focallens on a FocalLens-CLIP checkpoint; on plain CLIP: clip for mmvp-vlm and sugarcrepe, "
-            "clip+text elsewhere), focallens, clip, clip+text, or text-only (genecis's text-only baseline).",
+            "clip+text elsewhere; mllm on a vision-language checkpoint), focallens, clip, clip+text, mllm, or text-only (genecis's text-only baseline).",
         ),
     ] = "auto",
     instruction: Annotated[Optional[str], typer.Option("--instruction", help="Instruction or template replacing the benchmark's default (see its docstring).")] = None,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalsearch.errors import UserError
 from focalsearch import objectstore
 from focalsearch.images import LoadedImage, SkippedImage, load_image
 from focalsearch.indexer import Indexer, IndexReport
@@ -182,6 +183,10 @@ class RayIndexer(Indexer):
     """The local indexer's plan and commits around a Ray Data decode/encode/write job."""
 
     def __init__(self, store, load_encoder, *, model: str, encoder_name: str, ray: RayOptions = RayOptions(), **options):
+        if encoder_name == "mllm":
+            # Ray's decode tasks hand the actors preprocessed pixel arrays; an MLLM's processor reads the
+            # image with its prompt, which the actors would have to receive instead.
+            raise UserError("--engine ray indexes with CLIP-family models only so far; index an MLLM with the local engine")
         super().__init__(store, load_encoder, **options)
         self.model, self.encoder_name, self.ray = model, encoder_name, ray
 

@@ -46,6 +46,26 @@ def tiny_focal(tiny_clip, tmp_path_factory) -> Path:
     return init_focallens_checkpoint(str(tiny_clip), tmp_path_factory.mktemp("models") / "tiny-focal")
 
 
+MLLM_CORPUS = [*CORPUS, "answer in one word.", "describe the image in one word.", "summarize the above in one word.",
+               "what shape is the object?", "red green blue circle square"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    """A small random LLaVA (CLIP vision tower, Llama language model) with a chat template."""
+    from focalsearch.models.tiny_mllm import save_tiny_mllm
+
+    return save_tiny_mllm(tmp_path_factory.mktemp("models") / "tiny-llava", MLLM_CORPUS * 4, "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory) -> Path:
+    """A small random Idefics3 (SmolVLM's family: image tiles, so image token counts vary with the image's shape)."""
+    from focalsearch.models.tiny_mllm import save_tiny_mllm
+
+    return save_tiny_mllm(tmp_path_factory.mktemp("models") / "tiny-idefics3", MLLM_CORPUS * 4, "idefics3")
+
+
 def draw_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """A deterministic picture: coloured shapes on a coloured background."""
     rng = random.Random(seed)
