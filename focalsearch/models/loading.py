@@ -199,7 +199,7 @@ def load_mllm_family(ref: ModelRef):
                              "that transformers' AutoModelForImageTextToText loads")
     try:
         model = AutoModelForImageTextToText.from_pretrained(ref.location, use_safetensors=True, **options)
-        processor = AutoProcessor.from_pretrained(ref.location, **options)
+        processor = AutoProcessor.from_pretrained(ref.location, backend=IMAGE_PROCESSOR_BACKEND, **options)
         head_file = cached_file(ref.location, MLLM_HEAD_FILE, _raise_exceptions_for_missing_entries=False, **options)
     except Exception as exc:
         raise ModelLoadError(_cannot_load(ref, exc)) from exc
