@@ -33,6 +33,7 @@ SMOKE: dict[str, list[str]] = {
     "combined_conditions.py": ["--queries", "2", "--k", "3"],
     "genecis.py": ["--data", "{data}/genecis", "--model", "demo"],
     "memory.py": ["--sizes", "6"],
+    "mllm_public_shapes.py": ["--shapes", "tiny-llava", "--images", "2", "--repeats", "1"],
     "mmvp_vlm.py": ["--data", "{data}/mmvp", "--model", "demo"],
     "query_latency.py": ["--repeats", "1", "--kinds", "image", "--images", "4"],
     # The Ray half starts Ray (about 2 minutes here at 2 images); tests/test_ray.py runs the engine, and
@@ -130,6 +131,12 @@ def check_memory(r: dict) -> None:
     _goals(r)
 
 
+def check_mllm_shapes(r: dict) -> None:
+    (row,) = r["results"]
+    assert row["shape"] == "tiny-llava" and row["prefix_tokens"] > 16  # the image's 16 tokens and the chat's own
+    assert all(seconds > 0 for seconds in row["seconds_per_image"].values())
+
+
 def check_query_latency(r: dict) -> None:
     (stages,) = r["seconds"].values()
     assert {"import cli", "load model", "encode query", "load FAISS + search", "focalsearch query, wall"} <= set(stages)
@@ -175,6 +182,7 @@ CHECKS = {
     "combined_conditions.py": check_combined,
     "genecis.py": check_paper_benchmark("genecis", {"mean/R@1", "focus_attribute/R@1", "change_object/R@1"}),
     "memory.py": check_memory,
+    "mllm_public_shapes.py": check_mllm_shapes,
     "mmvp_vlm.py": check_paper_benchmark("mmvp-vlm", {"mean", "Color", "Quantity"}),
     "query_latency.py": check_query_latency,
     "scale.py": check_scale,
