@@ -48,7 +48,7 @@ t["open index"] = time.perf_counter() - mark
 mark = time.perf_counter()
 from focalsearch.models import needed_towers
 towers = needed_towers(condition.encoder, condition.instruction, image_query=bool(image))
-encoder = engine._load_encoder((condition.model, condition.encoder), towers)
+encoder = engine._load_encoder((condition.model, condition.encoder, condition.prompts), towers)
 t["load model"] = time.perf_counter() - mark
 mark = time.perf_counter()
 if image:

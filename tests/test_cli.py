@@ -159,7 +159,7 @@ def test_faiss_top_k_equals_lancedb_exact_top_k(collection):
     index = load_condition_index(store, condition)
     assert index.ann.kind == "flat"
     engine = FocalSearch(collection["index"])
-    encoder = engine._load_encoder((condition.model, condition.encoder))
+    encoder = engine._load_encoder((condition.model, condition.encoder, condition.prompts))
     for seed in range(5):
         vector = encoder.encode_images([draw_image(1000 + seed)], "background")[0]
         faiss_hits = search_index(index, vector, 10)
