@@ -426,7 +426,7 @@ def model_init(
 
 @app.command()
 def train(
-    base: Annotated[str, typer.Option("--base", help="Checkpoint to start from: CLIP or FocalLens-CLIP, hub id or folder.")],
+    base: Annotated[str, typer.Option("--base", help="Checkpoint to start from: CLIP, FocalLens-CLIP or a vision-language (LLaVA-style) model, hub id or folder.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the trained checkpoint (resumes if it holds checkpoint-last/).")],
     data: Annotated[str, typer.Option("--data", help="LLaVA-style JSON file, or 'colorshape' for the generated world.")],
     image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder the JSON's image paths are relative to.")] = None,
@@ -457,6 +457,13 @@ def train(
     focus: Annotated[Optional[str], typer.Option(
         "--focus", help="ColorShape instructions: an attribute (color, shape, count, background, size) to ask about more often; see --focus-share.")] = None,
     focus_share: Annotated[float, typer.Option("--focus-share", min=0.0, max=1.0, help="With --focus: the share of question groups about it.")] = 0.5,
+    lora_rank: Annotated[int, typer.Option(
+        "--lora-rank", min=0, help="Vision-language base: train LoRA adapters of this rank on the language model (merged into the saved checkpoint); 0 trains it fully.")] = 0,
+    train_vision: Annotated[bool, typer.Option("--train-vision", help="Vision-language base: also train the vision tower (frozen by default).")] = False,
+    head_dim: Annotated[Optional[int], typer.Option(
+        "--head-dim", min=1, help="Vision-language base: width of the learned head (default: the language model's, starting as the identity).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Vision-language base: recompute activations in the backward pass (less memory, slower).")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between resumable checkpoints.")] = 200,
     resolution: Annotated[int, typer.Option(min=8, help="ColorShape image size.")] = 64,
@@ -467,6 +474,9 @@ def train(
     ] = 1,
 ) -> None:
     """Contrastively train a checkpoint: instruction tuning (FocalLens) or caption training (CLIP).
+
+    A vision-language (LLaVA-style) --base trains FocalLens-MLLM: the (image, instruction) prompt's last
+    state, through a learned head, against the same model's reading of the answer.
 
     --batch-size is the global batch; with --nproc N each process takes 1/N of it, and the loss
     sees the negatives of the whole batch. The same runs as: torchrun --nproc-per-node N -m focalsearch.train ...
@@ -495,10 +505,13 @@ def train(
             "--image-weight": image_weight, "--recolor": recolor, "--phrasing-noise": phrasing_noise, "--seed": seed,
             "--save-every": save_every, "--text-steps": text_steps, "--text-anchor-weight": text_anchor_weight or None,
             "--next-token-weight": next_token_weight or None, "--focus": focus, "--focus-share": focus_share if focus else None,
-            "--resolution": resolution, "--device": device, "--threads": threads,
+            "--resolution": resolution, "--device": device, "--threads": threads, "--lora-rank": lora_rank or None,
+            "--head-dim": head_dim,
         }
         argv = [str(x) for key, value in forwarded.items() if value is not None for x in (key, value)]
         argv += ["--train-text"] if train_text else []
+        argv += ["--train-vision"] if train_vision else []
+        argv += ["--gradient-checkpointing"] if gradient_checkpointing else []
         argv += ["--name-negatives"] if name_negatives else []
         argv += ["--name-first-captions"] if name_first_captions else []
         argv += ["--size-synonym-captions"] if size_synonym_captions else []
@@ -530,7 +543,8 @@ def train(
             objective=objective, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
             caption_weight=caption_weight, image_weight=image_weight, train_text=train_text,
             text_steps=text_steps, text_anchor_weight=text_anchor_weight, next_token_weight=next_token_weight, seed=seed,
-            save_every=save_every, device=device,
+            save_every=save_every, device=device, lora_rank=lora_rank, train_vision=train_vision, head_dim=head_dim,
+            gradient_checkpointing=gradient_checkpointing,
         )
         return run_training(base, out, source, options, progress=sys.stderr.isatty())
 

@@ -13,15 +13,24 @@ def write_checkpoint(out: Path, model, tokenizer, processor, extra: Callable[[Pa
 
     ``extra`` may write more files (training state) into the staging folder first.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         processor.save_pretrained(staging)
         if extra is not None:
             extra(staging)
+
+    return write_folder(out, write)
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a staging folder beside ``out``, then swap it in for ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,10 @@
   next-token term on the captions gives words that occur in the same caption contexts ("of large
   scale", "of large size") similar token embeddings, which contrast alone never asks for.
 
+A vision-language (MLLM-family) base trains the instruction objective through
+focalsearch.train.mllm (MllmTrainer); ``_start`` is the one place the families part, and the loop
+here drives either trainer.
+
 Progress is saved every ``save_every`` steps into ``OUT/checkpoint-last`` (safetensors for weights
 and optimizer state, JSON for the rest); a rerun with the same OUT resumes from there.
 """
@@ -33,7 +37,7 @@ from focalsearch.errors import UserError
 from focalsearch.models.encoders import inference_dtype, pick_device
 from focalsearch.models.focallens_clip import FocalLensCLIPModel
 from focalsearch.models.init_checkpoint import focallens_from_clip
-from focalsearch.models.loading import load_clip_family, resolve_model
+from focalsearch.models.loading import family_of, load_clip_family, load_config, resolve_model
 from focalsearch.models.saving import write_checkpoint
 from focalsearch.train import distributed
 from focalsearch.train.data import TrainingBatch, TrainingSource
@@ -65,6 +69,13 @@ class TrainOptions:
     seed: int = 0
     save_every: int = 200
     device: str = "auto"
+    # The MLLM family (focalsearch.train.mllm): LoRA rank on the language model (0: full fine-tuning),
+    # the vision tower trained too, the head's output width (None: the language model's), and
+    # activations recomputed in the backward pass to save memory.
+    lora_rank: int = 0
+    train_vision: bool = False
+    head_dim: int | None = None
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -168,13 +179,8 @@ class _Trainer:
         if options.objective == "instruction" and not options.train_text:
             self._freeze_text_tower()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # CLIP's convention: no weight decay on gains, biases, the class embedding and the temperature
-        # (decay pulls the log temperature towards 0 and undoes what the loss learns).
-        groups = [
-            {"params": [p for p in self.trainable if p.ndim >= 2], "weight_decay": options.weight_decay},
-            {"params": [p for p in self.trainable if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, options.beta2))
+        self.optimizer = torch.optim.AdamW(decay_groups(self.trainable, options.weight_decay), lr=options.lr,
+                                           betas=(0.9, options.beta2))
         self._text_cache: dict[str, torch.Tensor] = {}
         self._instruction_cache: dict[str, torch.Tensor] = {}
 
@@ -274,54 +280,108 @@ class _Trainer:
             # Later tuning would move the tuned words away from synonyms it never sees (measured: a
             # synonym of "background" that transferred at step 1,000 was lost by step 3,500).
             self._freeze_text_tower()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.options.lr * _lr_factor(step, self.options)
-        loss = self.loss(batch, pixels.to(self.device, non_blocking=True))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Every rank computed the whole global batch's loss; the gathered rows sent each rank world x
-        # its own rows' gradient, so the average across ranks is the one-process gradient.
-        distributed.average_gradients(self.trainable, self.ranks)
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        self.optimizer.step()
-        return float(loss.detach())
+        return optimizer_step(self, step, lambda: self.loss(batch, pixels.to(self.device, non_blocking=True)))
 
-    # -- optimizer state as safetensors (never pickle) -------------------------------------------
+    # -- what the family-agnostic loop asks of a trainer --------------------------------------------
+    def prepare(self, batch: TrainingBatch) -> torch.Tensor:
+        """The model inputs of a batch (run in the prefetch thread)."""
+        return self.processor(images=batch.images, return_tensors="pt")["pixel_values"]
+
+    @property
+    def scale(self) -> float:
+        return self.model.logit_scale.detach().exp().item()
+
+    def save(self, folder: Path, extra, *, final: bool) -> None:
+        """A loadable checkpoint (the resume state is one too), with ``extra``'s files."""
+        if final:
+            self.model.eval()
+        write_checkpoint(folder, self.model, self.tokenizer, self.processor, extra)
+
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        state = self.optimizer.state_dict()["state"]
-        return {f"{index}.{key}": value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-                for index, entries in state.items() for key, value in entries.items()}
+        return optimizer_tensors(self.optimizer)
 
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            index, key = name.split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-        saved = self.optimizer.state_dict()
-        saved["state"] = state
-        self.optimizer.load_state_dict(saved)
+        load_optimizer_tensors(self.optimizer, tensors)
 
 
-def _load_start(base: str, out: Path, options: TrainOptions):
-    """The model to start from and the step to resume at."""
-    resume = out / RESUME_DIR
+def optimizer_step(trainer, step: int, loss_of) -> float:
+    """One update of ``trainer`` (its options, optimizer, trainable parameters and ranks) on ``loss_of()``."""
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = trainer.options.lr * _lr_factor(step, trainer.options)
+    loss = loss_of()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # Every rank computed the whole global batch's loss; the gathered rows sent each rank world x
+    # its own rows' gradient, so the average across ranks is the one-process gradient.
+    distributed.average_gradients(trainer.trainable, trainer.ranks)
+    torch.nn.utils.clip_grad_norm_(trainer.trainable, 1.0)
+    trainer.optimizer.step()
+    return float(loss.detach())
+
+
+def decay_groups(trainable: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """CLIP's convention: no weight decay on gains, biases, the class embedding and the temperature
+    (decay pulls the log temperature towards 0 and undoes what the loss learns)."""
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+# -- optimizer state as safetensors (never pickle) ---------------------------------------------------
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {f"{index}.{key}": value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            for index, entries in state.items() for key, value in entries.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+
+
+MLLM_ONLY = {"lora_rank": "--lora-rank", "train_vision": "--train-vision", "head_dim": "--head-dim",
+             "gradient_checkpointing": "--gradient-checkpointing"}
+
+
+def _start(base: str, out: Path, options: TrainOptions, ranks: Ranks):
+    """The trainer for ``base``'s family, and the saved state when resuming from OUT/checkpoint-last.
+
+    The one place the families part: each trainer owns its model, inputs, loss and saving.
+    """
+    resume, state = out / RESUME_DIR, None
     if (resume / STATE_FILE).is_file():
         state = json.loads((resume / STATE_FILE).read_text())
-        if state["options"] != asdict(options):
+        # options added since the state was saved did not exist then: their defaults are what ran
+        if {**asdict(TrainOptions()), **state["options"]} != asdict(options):
             raise UserError(f"{resume} was saved with other training options; use the same options to resume, or another --out")
-        model, tokenizer, processor = load_clip_family(resolve_model(str(resume)))
-        return model, tokenizer, processor, state
-    if (out / "config.json").is_file():
+    elif (out / "config.json").is_file():
         raise UserError(f"{out} already holds a trained model; pick another --out")
-    model, tokenizer, processor = load_clip_family(resolve_model(base))
+    ref = resolve_model(base)
+    if family_of(load_config(ref)) == "mllm":
+        from focalsearch.train.mllm import MllmTrainer
+
+        return MllmTrainer(ref, options, ranks, resume if state else None), state
+    for name, flag in MLLM_ONLY.items():
+        if getattr(options, name) != getattr(TrainOptions, name):
+            raise UserError(f"{flag} applies to vision-language (MLLM-family) checkpoints; {ref.model_id} is a CLIP-family one")
+    model, tokenizer, processor = load_clip_family(resolve_model(str(resume)) if state else ref)
     if options.objective == "instruction" and not isinstance(model, FocalLensCLIPModel):
         model = focallens_from_clip(model, seed=options.seed)
-    return model, tokenizer, processor, None
+    anchor = None
+    if options.objective == "instruction" and options.train_text and options.text_anchor_weight > 0:
+        anchor = load_clip_family(ref)[0].text_model  # the starting tower, also when resuming
+    return _Trainer(model, tokenizer, processor, options, ranks, anchor), state
 
 
-def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int, ranks: Ranks = Ranks()):
-    """Build (batch, pixels) for the coming steps in a thread while the current step trains; with
-    several ranks, each takes its slice of the global batch (a distributed sampler over the source)."""
+def _prefetch(source: TrainingSource, prepare, steps: range, batch_size: int, ranks: Ranks = Ranks()):
+    """Build (batch, prepare(batch)) for the coming steps in a thread while the current step trains;
+    with several ranks, each takes its slice of the global batch (a distributed sampler over the source)."""
     results: dict[int, tuple[TrainingBatch, torch.Tensor]] = {}
     ready = threading.Condition()
     errors: list[BaseException] = []
@@ -331,13 +391,13 @@ def _prefetch(source: TrainingSource, processor, steps: range, batch_size: int, 
         try:
             for step in steps:
                 batch = distributed.shard(source.batch(step, batch_size), ranks)
-                pixels = processor(images=batch.images, return_tensors="pt")["pixel_values"]
+                inputs = prepare(batch)
                 with ready:
                     while len(results) >= 2 and not stop.is_set():
                         ready.wait()
                     if stop.is_set():
                         return
-                    results[step] = (batch, pixels)
+                    results[step] = (batch, inputs)
                     ready.notify_all()
         except BaseException as exc:  # surfaced in the training thread
             with ready:
@@ -381,11 +441,7 @@ def _train(base: str, out: Path, source: TrainingSource, options: TrainOptions, 
     if options.batch_size % ranks.world:
         raise UserError(f"--batch-size {options.batch_size} (the global batch) must divide among {ranks.world} processes")
     torch.manual_seed(options.seed)
-    model, tokenizer, processor, state = _load_start(base, out, options)
-    anchor = None
-    if options.objective == "instruction" and options.train_text and options.text_anchor_weight > 0:
-        anchor = load_clip_family(resolve_model(base))[0].text_model  # the starting tower, also when resuming
-    trainer = _Trainer(model, tokenizer, processor, options, ranks, anchor)
+    trainer, state = _start(base, out, options, ranks)
     start = 0
     losses: list[float] = []
     if state is not None:
@@ -400,24 +456,23 @@ def _train(base: str, out: Path, source: TrainingSource, options: TrainOptions, 
             (folder / STATE_FILE).write_text(json.dumps({"step": step, "losses": losses, "options": asdict(options)}))
 
         if ranks.is_main:
-            write_checkpoint(out / RESUME_DIR, trainer.model, tokenizer, processor, extra)
+            trainer.save(out / RESUME_DIR, extra, final=False)
         distributed.barrier(ranks)
 
     with tqdm(total=options.steps, initial=start, disable=not progress, desc=f"training ({options.objective})", unit="step") as bar:
-        for step, (batch, pixels) in _prefetch(source, processor, range(start, options.steps), options.batch_size, ranks):
-            losses.append(round(trainer.step(step, batch, pixels), 5))
+        for step, (batch, inputs) in _prefetch(source, trainer.prepare, range(start, options.steps), options.batch_size, ranks):
+            losses.append(round(trainer.step(step, batch, inputs), 5))
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", scale=f"{trainer.model.logit_scale.detach().exp().item():.1f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", scale=f"{trainer.scale:.1f}")
             if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
                 save_progress(step + 1)
-    trainer.model.eval()
 
     def write_log(folder: Path) -> None:
         (folder / LOG_FILE).write_text(json.dumps({"options": asdict(options), "losses": losses, "processes": ranks.world}))
 
     # The finished model replaces the whole OUT folder, resume state included.
     if ranks.is_main:
-        write_checkpoint(out, trainer.model, tokenizer, processor, write_log)
+        trainer.save(out, write_log, final=True)
         shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
     distributed.barrier(ranks)
     result.seconds = time.perf_counter() - started
