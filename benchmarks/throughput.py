@@ -1,6 +1,7 @@
 """Indexing throughput against the physical ceilings, measured side by side in one run.
 
-    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16] [--device auto|cpu|cuda] [--repeats 3]
+    python benchmarks/throughput.py [--images 240] [--models demo,vit-b16,mllm] [--mllm-model demo-mllm]
+                                    [--device auto|cpu|cuda] [--repeats 3]
                                     [--encode-repeats 5] [--encode-seconds 1] [--precision auto] [--json OUT]
                                     [--contention | --contention-only] [--contention-busy N] [--contention-folder DIR]
                                     [--contention-policies default,spin,1-thread]
@@ -20,7 +21,7 @@ On a generated folder of photo-like JPEGs of 1-4 megapixels, for each model:
     before the clock starts, and the post-compaction grace sleep is off: FOCALSEARCH_VERSION_GRACE_SECONDS=0)
     with 1 instruction and with 4, counting how often each image is decoded. For the 4-instruction
     run, where its seconds went: each indexer step's wall time on the indexer's thread (waiting for
-    decoded images, each instruction's encoder calls, batching, routing, commits, compaction, the
+    decoded images, the encoder's calls (one per batch, under every instruction), batching, routing, commits, compaction, the
     catalog, the scan, and the loop itself), beside what the bound (decode once + 4 encodes at the
     ceilings) allows each; and the 4 encodes outside the indexer, each batch under each instruction
     in turn as the indexer calls them, against the sum of the steady per-instruction rates;
@@ -33,6 +34,18 @@ are measured alike (the full-decode figure, shown for comparison only, is one pa
 12x512 text layers) with random weights: the weights do not change the arithmetic. `vit-l14-336` is the
 same for ViT-L/14 at 336 px (24x1024 vision, 12x768 text layers; ~1.7 GB of float32 weights): for GPUs.
 `vit-tiny` (32 px, 2 layers of 64) is no real model's shape: it lets a smoke run take the vit-* path.
+
+The `mllm` case measures the MLLM family (--mllm-model: demo-mllm by default, a checkpoint, or a random
+LLaVA of a shape: `demo-shape` is demo-mllm's, `tiny` the smoke run's) on the same JPEGs, each decoded
+once: its encode rate (img/s, 1 instruction, prefix reuse), and the time of 4 instructions against 1
+with prefix reuse (the image prefix's key/value cache computed once per batch and expanded for every
+instruction) and without (every instruction reads the whole sequence), the best of `--repeats` rounds
+that take the cases in an order rotated every round. Beside them, the bound that token counts set:
+1 + 3 x (the language model's share of the 1-instruction time) x (a further instruction's own tokens:
+the instruction, the ask for a one-word answer, the template's close / all tokens of the 1-instruction
+sequence), the share being what is left of that time after the processor (image preprocessing,
+tokens) and the vision tower + projector, each timed alone on the same batches. benchmarks/mllm_gpu.py
+does the same on a GPU at a 7B LLaVA's shape.
 
 With --contention (--contention-only skips all of the above, which is slow):
 (d) indexing under CPU contention: `focalsearch index FOLDER -i "background" -i "what color is the
@@ -51,6 +64,8 @@ Goals (printed beside each measurement, and under "goals" in --json):
 - index with 1 instruction >= 0.85 x the slower stage ceiling;
 - index with 4 instructions decodes each image once and takes <= 1.1 x (decode once + 4 encodes);
 - conditional/plain cost ratio within 10 % of the token-count ratio, for each instruction;
+- mllm, "prefix reuse": 4 instructions take <= 1.3 x the time of 1 with reuse, or, where the token
+  bound itself is above 1.3, within 10 % of that bound (the JSON's "rule" says which applied);
 - with --contention: the default policy's busy throughput >= 0.25 x its quiet one (a fair share of 2
   cores against 2 busy processes is about 0.5 x; spinning workers gave ~0.04 x: 230 -> 10 img/s).
 """
@@ -162,6 +177,152 @@ def vit_checkpoint(name: str, out: Path) -> Path:
     return out
 
 
+# Random LLaVAs (CLIP vision tower, Llama language model) for --mllm-model: the weights do not change the arithmetic.
+MLLM_SHAPES = {
+    # demo-mllm's shape: demo-clip's vision tower (64 px, 8 px patches: 64 image tokens) and a 4x256 Llama with 4 heads
+    "demo-shape": dict(width=256, layers=4, heads=4),
+    "tiny": dict(),  # no real model (32 px vision, a 2x64 Llama): the smoke run's stand-in
+}
+GOAL_REUSE = 1.3  # 4 instructions / 1 with prefix reuse; or within GOAL_REUSE_BOUND of the token bound where that is above it
+GOAL_REUSE_BOUND = 0.10
+
+
+def mllm_checkpoint(shape: str, out: Path) -> Path:
+    """A randomly initialised LLaVA of a shape named in MLLM_SHAPES."""
+    from focalsearch.models.loading import BUNDLED_DIR
+    from focalsearch.models.tiny_mllm import save_tiny_mllm
+
+    words = " ".join(INSTRUCTIONS) + " answer in one word. describe the image in one word. summarize the above in one word."
+    dims = dict(MLLM_SHAPES[shape])
+    if shape == "demo-shape":
+        dims["vision_from"] = BUNDLED_DIR / "demo-clip"
+    return save_tiny_mllm(out, [words] * 10, "llava", **dims)
+
+
+def mllm_prompt_tokens(encoder, image, instructions) -> tuple[int, dict[str, int]]:
+    """(the tokens every instruction shares: the chat template's opening and the image's tokens; per instruction,
+    its own tokens: the instruction, the ask for a one-word answer and the template's close), from the actual prompts."""
+    from focalsearch.instructions import normalize_instruction
+
+    prefix = int(encoder.prompts.prefix_inputs([image])["attention_mask"].sum())
+    own = {i: int(encoder.prompts.suffix_tokens([normalize_instruction(i)])["attention_mask"].sum()) for i in instructions}
+    return prefix, own
+
+
+def mllm_reuse_figures(encoder, images, instructions, batch_size: int, repeats: int = 3) -> dict:
+    """Seconds to encode ``images`` under the first instruction and under all of them, with and without
+    prefix reuse, and the parts of the 1-instruction pass that are not the language model (the processor:
+    image preprocessing and tokens; the vision tower + projector), each the best of ``repeats`` rounds
+    that take the cases in an order rotated every round, after one untimed batch of each."""
+    import torch
+
+    batches = [encoder.collate([encoder.prepare(image) for image in images[lo : lo + batch_size]])
+               for lo in range(0, len(images), batch_size)]
+    first = list(instructions[:1])
+
+    def synced(function):
+        started = time.perf_counter()
+        function()
+        if encoder.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def encode(reuse: bool, asked: list[str], chunks) -> float:
+        encoder.reuse_prefix = reuse
+        return synced(lambda: [encoder.encode_batch(chunk, asked) for chunk in chunks])
+
+    @torch.inference_mode()
+    def vision(chunks) -> float:
+        prefixes = [encoder._on_device(encoder.prompts.prefix_inputs(chunk)) for chunk in chunks]
+        pixels = [{k: v for k, v in prefix.items() if k not in ("input_ids", "attention_mask")} for prefix in prefixes]
+        with encoder._autocast(encoder.autocast_dtype):
+            return synced(lambda: [encoder.language_model.get_image_features(**p) for p in pixels])
+
+    cases = {
+        "reuse, 1": lambda chunks: encode(True, first, chunks),
+        f"reuse, {len(instructions)}": lambda chunks: encode(True, list(instructions), chunks),
+        "whole, 1": lambda chunks: encode(False, first, chunks),
+        f"whole, {len(instructions)}": lambda chunks: encode(False, list(instructions), chunks),
+        "processor": lambda chunks: synced(lambda: [encoder.prompts.prefix_inputs(chunk) for chunk in chunks]),
+        "vision tower + projector": vision,
+    }
+    reuse = encoder.reuse_prefix
+    try:
+        for case in cases.values():
+            case(batches[:1])
+        seconds: dict[str, list[float]] = {name: [] for name in cases}
+        names = list(cases)
+        for round_number in range(repeats):
+            shift = round_number % len(names)
+            for name in [*names[shift:], *names[:shift]]:
+                seconds[name].append(cases[name](batches))
+    finally:
+        encoder.reuse_prefix = reuse
+    return {name: min(values) for name, values in seconds.items()}
+
+
+def reuse_goal(ratio: float, bound: float) -> dict:
+    """The prefix-reuse goal: 4 vs 1 <= GOAL_REUSE, or within GOAL_REUSE_BOUND of the token bound where the bound is above it."""
+    if bound <= GOAL_REUSE:
+        return {"measured": ratio, "target": GOAL_REUSE, "holds": ratio <= GOAL_REUSE, "rule": f"<= {GOAL_REUSE}"}
+    target = bound * (1 + GOAL_REUSE_BOUND)
+    return {"measured": ratio, "target": target, "holds": ratio <= target,
+            "rule": f"within {GOAL_REUSE_BOUND * 100:.0f} % of the token bound {bound:.3f} (the bound is above {GOAL_REUSE})"}
+
+
+def measure_mllm(location: str, paths: list[Path], args, label: str = "mllm") -> dict:
+    """The MLLM family's encode rate and what 4 instructions cost against 1, with and without prefix reuse,
+    beside the bound that token counts set."""
+    import torch
+
+    from focalsearch.images import load_image
+    from focalsearch.models import create_encoder
+
+    encoder = create_encoder(location, encoder="mllm", device=args.device, batch_size=args.batch_size, precision=args.precision)
+    images = [load_image(p, min_side=encoder.min_decode_side).image for p in paths]
+    where = f"JPEGs decoded once (draft mode, {encoder.min_decode_side} px side), {torch.get_num_threads()} torch threads"
+    return report_mllm(label, encoder, images, args.batch_size, args.repeats, where)
+
+
+def report_mllm(label: str, encoder, images, batch_size: int, repeats: int, images_are: str) -> dict:
+    """Measure (mllm_reuse_figures), print and return the figures and the prefix-reuse goal."""
+    instructions = list(INSTRUCTIONS)
+    count, many = len(images), len(instructions)
+    arithmetic = _arithmetic(encoder)
+    print(f"\n== {label}: {encoder.info.model} on {encoder.device} ({arithmetic}), {count} images ({images_are}), "
+          f"batches of {batch_size}, best of {repeats} rounds in rotated order", flush=True)
+    seconds = mllm_reuse_figures(encoder, images, instructions, batch_size, repeats)
+    prefix, own = mllm_prompt_tokens(encoder, images[0], instructions)
+    one, all_of_them = seconds["reuse, 1"], seconds[f"reuse, {many}"]
+    whole_one, whole_all = seconds["whole, 1"], seconds[f"whole, {many}"]
+    outside = seconds["processor"] + seconds["vision tower + projector"]
+    share = max(0.0, 1 - outside / one)
+    extra = statistics.mean(own[i] for i in instructions[1:])
+    total = prefix + own[instructions[0]]
+    bound = 1 + (many - 1) * share * extra / total
+    ratio, whole_ratio = all_of_them / one, whole_all / whole_one
+    print(f"tokens: {prefix} shared (chat opening + image tokens), own per instruction: "
+          + ", ".join(f"{i!r} {n}" for i, n in own.items()), flush=True)
+    print(f"encode, 1 instruction ({instructions[0]!r}): {count / one:8.1f} img/s with prefix reuse | "
+          f"{count / whole_one:8.1f} img/s whole sequence", flush=True)
+    print(f"encode, {many} instructions: {all_of_them:.3f} s = {ratio:.2f} x the 1-instruction time with reuse "
+          f"({count / all_of_them:.1f} img/s) | {whole_all:.3f} s = {whole_ratio:.2f} x without", flush=True)
+    print(f"the 1-instruction time {one:.3f} s: processor {seconds['processor']:.3f} s, vision tower + projector "
+          f"{seconds['vision tower + projector']:.3f} s, language model (the rest) {one - outside:.3f} s = {share:.2f} of it", flush=True)
+    goal = reuse_goal(ratio, bound)
+    print(f"bound from token counts: 1 + {many - 1} x {share:.2f} (LM share) x {extra:.1f} (own tokens of each further "
+          f"instruction) / {total} (all tokens) = {bound:.3f}; with reuse {ratio:.3f}   goal {goal['rule']}: "
+          f"{'holds' if goal['holds'] else 'MISSES'}", flush=True)
+    return {
+        "model": encoder.info.model, "device": str(encoder.device), "arithmetic": arithmetic, "images": count,
+        "batch_size": batch_size, "repeats": repeats, "instructions": instructions, "seconds": seconds,
+        "encode_img_s": count / one, "encode_whole_img_s": count / whole_one,
+        f"ratio_{many}_vs_1_reuse": ratio, f"ratio_{many}_vs_1_whole": whole_ratio,
+        "prefix_tokens": prefix, "own_tokens": own, "lm_share": share, "bound": bound,
+        "goals": {f"{label}: prefix reuse, {many} instructions / 1": goal},
+    }
+
+
 def decode_ceiling(encoder, paths: list[Path], workers: int, draft: bool, repeats: int = 1) -> float:
     """Images/s of read + decode + preprocess alone, in the indexer's worker threads (best of ``repeats``)."""
     from focalsearch.images import LoadedImage, load_image
@@ -250,15 +411,14 @@ def encode_rates(encoder, pixels, instructions, batch_size: int, repeats: int = 
 
 
 def interleaved_encode_seconds(encoder, pixels, instructions, batch_size: int, repeats: int = 3) -> float:
-    """Seconds to encode ``pixels`` under every instruction the way the indexer does (each batch under
-    each instruction in turn, so the sequence length changes from call to call); best of ``repeats``."""
+    """Seconds to encode ``pixels`` under every instruction the way the indexer does (one call per batch
+    under all of them, so the sequence length changes from pass to pass); best of ``repeats``."""
     batches = [pixels[lo : lo + batch_size] for lo in range(0, len(pixels), batch_size)]
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         for chunk in batches:
-            for instruction in instructions:
-                encoder.encode_pixels(chunk, instruction)
+            encoder.encode_batch(chunk, list(instructions))
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -355,7 +515,7 @@ class StageClock:
 
 # The indexer's steps that StageClock times in an index run, by method name: (owner, method, stage).
 INDEX_STAGES = (
-    ("Indexer", "_encode", "batching (stack, rows)"),  # less the encode_pixels calls inside it, timed per instruction
+    ("Indexer", "_encode", "batching (stack, rows)"),  # less the encode_batch calls inside it (ENCODE_STAGE)
     ("Indexer", "_route", "hash check, routing"),
     ("Indexer", "_commit", "commits (write)"),
     ("Indexer", "_flush_touched", "touched records"),
@@ -366,6 +526,7 @@ INDEX_STAGES = (
     ("Store", "count", "catalog"),
     ("Store", "untidy", "catalog"),
 )
+ENCODE_STAGE = "encode (every instruction)"  # the encoder's calls: one per batch, under all of the run's instructions
 # The steps of a run that do not grow with its images (commits do past commit_seconds: every 5 s).
 BOOKKEEPING = ("scan", "commits (write)", "compaction + cleanup", "catalog")
 AFTER_RUN = "FAISS build (after the run, not in its seconds)"
@@ -393,7 +554,7 @@ def index_run(model: str, folder: Path, instructions, batch_size: int, workers: 
         search._encoders["both"] = encoder  # measure indexing, not model loading
         clock.scope(Indexer, "run")
         clock.time_generator(Indexer, "_decode", "waiting for decoded images")
-        clock.time_method(encoder, "encode_pixels", lambda pixels, instruction="", **_: f"encode {instruction!r}")
+        clock.time_method(encoder, "encode_batch", ENCODE_STAGE)
         for owner, name, stage in INDEX_STAGES:
             if hasattr(owners[owner], name):  # a step the indexer no longer has is left out, not an error
                 clock.time_method(owners[owner], name, stage)
@@ -512,11 +673,10 @@ def measure_model(name: str, location: str, paths: list[Path], folder: Path, arg
 def show_breakdown(run: dict, decode_bound: float, steady: dict[str, float], interleaved: float) -> dict:
     """Print where an index run's seconds went, step by step, beside what the bound allows each step."""
     stages = run["stages_s"]
-    encode_stages = {i: stages.get(f"encode {i!r}", 0.0) for i in steady}
     rows = [("waiting for decoded images", stages.get("waiting for decoded images", 0.0), decode_bound, "decode once at the ceiling")]
-    rows += [(f"encode {i!r}", encode_stages[i], steady[i], "steady encode rate") for i in steady]
+    rows += [(ENCODE_STAGE, stages.get(ENCODE_STAGE, 0.0), sum(steady.values()), "steady encode rates, summed")]
     rows += [(stage, seconds, 0.0, "") for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1])
-             if stage != "waiting for decoded images" and not stage.startswith("encode '")]
+             if stage not in ("waiting for decoded images", ENCODE_STAGE)]
     print(f"  where the {run['seconds']:.2f} s went (the best run's steps, wall clock on the indexer's thread):", flush=True)
     print(f"    {'step':<36} {'seconds':>8} {'bound':>8} {'over':>8}")
     for stage, seconds, bound, note in rows:
@@ -526,11 +686,12 @@ def show_breakdown(run: dict, decode_bound: float, steady: dict[str, float], int
     bookkeeping = sum(stages.get(stage, 0.0) for stage in BOOKKEEPING)
     print(f"  the run's bookkeeping ({', '.join(BOOKKEEPING)}; about the same for any run shorter than the 5 s "
           f"between commits): {bookkeeping:.3f} s = {bookkeeping / bound:.2f} x the bound", flush=True)
-    print(f"  the {len(steady)} encodes outside the indexer, each batch under each instruction in turn as the indexer calls them: "
+    print(f"  the {len(steady)} encodes outside the indexer, one call per batch under every instruction as the indexer makes them: "
           f"{interleaved:.3f} s, against {sum(steady.values()):.3f} s for the steady rates "
           f"(x{interleaved / sum(steady.values()):.2f}); FAISS build after the run (not counted): {run['faiss_build_after_s']:.3f} s",
           flush=True)
-    return {"stages_s": stages, "bound_s": {"decode once": decode_bound, **{f"encode {i!r}": s for i, s in steady.items()}},
+    return {"stages_s": stages, "bound_s": {"decode once": decode_bound, ENCODE_STAGE: sum(steady.values())},
+            "encode_steady_per_instruction_s": steady,
             "encode_interleaved_s": interleaved, "encode_steady_s": sum(steady.values()), "bookkeeping_s": bookkeeping,
             "faiss_build_after_s": run["faiss_build_after_s"]}
 
@@ -549,6 +710,12 @@ def measure_all(args) -> dict:
         for name in args.models.split(","):
             location = name
             model_paths, model_folder = paths, folder
+            if name == "mllm":
+                location = args.mllm_model
+                if location in MLLM_SHAPES:
+                    location = str(mllm_checkpoint(location, scratch / f"mllm-{location}"))
+                results[name] = measure_mllm(location, paths, args)
+                continue
             if name in VIT_SHAPES:
                 location = str(vit_checkpoint(name, scratch / name))
                 model_folder = scratch / "photos-vit"
@@ -662,7 +829,10 @@ def measure_contention(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=240, help="JPEGs in the generated folder")
-    parser.add_argument("--models", default="demo,vit-b16", help="comma-separated: demo, vit-b16, vit-l14-336, or checkpoint folders/hub ids")
+    parser.add_argument("--models", default="demo,vit-b16",
+                        help="comma-separated: demo, vit-b16, vit-l14-336, mllm (see --mllm-model), or checkpoint folders/hub ids")
+    parser.add_argument("--mllm-model", default="demo-mllm",
+                        help=f"the checkpoint of the mllm case, or a random LLaVA of a shape: {', '.join(MLLM_SHAPES)}")
     parser.add_argument("--vit-images", type=int, default=96, help="JPEGs for the vit-* shapes (their encoders are ~100x slower)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: the indexer's)")

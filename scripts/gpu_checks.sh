@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The standing GPU checks in one run, from the repository root of a CUDA machine:
 #   the CUDA tests, indexing throughput with a ViT-L/14-336-shaped model, exact search at 1M vectors
-#   (faiss-gpu where installed, beside the torch bound and faiss-cpu), and serve latency with the model on the GPU.
+#   (faiss-gpu where installed, beside the torch bound and faiss-cpu), serve latency with the model on the GPU,
+#   and the MLLM family's encode rate in bf16 at a ViT-L/14-336 + Llama-2-7B LLaVA's shape (4 vs 1 instruction, prefix reuse).
 # Each step's log and JSON land in $OUT (default: a new temporary folder); a failed or timed-out step
 # does not stop the next. Python packages the machine lacks may come as a prepared site folder:
 # .dev/site.tar.xz (unpacked to /tmp/site) and .dev/lancedb.so.xz (LanceDB's native module, packed apart).
@@ -32,3 +33,4 @@ step throughput "${THROUGHPUT_S:-300}" $PYTHON benchmarks/throughput.py --device
     --images 480 --vit-images 480 --json "$OUT/throughput.json"
 step gpu_search "${SEARCH_S:-150}" $PYTHON benchmarks/gpu_search.py --repeats 10 --json "$OUT/gpu_search.json"
 step serve_latency "${SERVE_S:-240}" $PYTHON benchmarks/serve_latency.py --json "$OUT/serve_latency.json"
+step mllm_gpu "${MLLM_S:-300}" $PYTHON benchmarks/mllm_gpu.py --json "$OUT/mllm_gpu.json"

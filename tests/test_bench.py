@@ -96,6 +96,10 @@ class _FakeEncoder:
     def __init__(self):
         self.info = EncoderInfo(encoder=self.encoder, model="fake", dim=len(PALETTE) + 2)
 
+    @property
+    def reads_instruction(self):
+        return self.encoder != "clip"
+
     def preprocess(self, images):
         def colour(image):  # mean of the non-black pixels (attribute crops are padded with black)
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)
@@ -702,3 +706,105 @@ def test_genecis_drops_records_whose_gallery_length_is_not_the_most_common_as_th
     from focalsearch.bench.genecis import modal_gallery_length
 
     assert modal_gallery_length([{"gallery": [1, 2]}, {"gallery": [1]}, {"gallery": [3]}, {"gallery": [4, 5]}]) == 1  # a tie: the shorter
+
+
+# -- the MLLM family through the same interface ---------------------------------------------------------------
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_bench_command_runs_each_benchmark_with_a_tiny_mllm(name, tmp_path, tiny_llava):
+    data = WRITERS[name](tmp_path / "data")
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["bench", name, "--data", str(data), "--model", str(tiny_llava), "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["encoder"] == "mllm"  # auto: not plain clip, even where a plain CLIP checkpoint would get it
+    assert report["metrics"] and all(0.0 <= v <= 100.0 for v in report["metrics"].values())
+    assert report["reference"] and report["precision"] == "float32"
+    if name == "celeba-attribute":
+        assert report["reference_model"] == "FocalLens-MLLM" and report["reference"]["mean"] == 22.67
+
+
+def _recording(encoder):
+    """Wrap ``encoder.encode_batch`` so that it records the instructions of every call."""
+    asked, original = [], encoder.encode_batch
+
+    def encode_batch(batch, instructions, **kwargs):
+        asked.extend(instructions)
+        return original(batch, instructions, **kwargs)
+
+    encoder.encode_batch = encode_batch
+    return asked
+
+
+def test_genecis_with_an_mllm_encodes_reference_and_candidates_under_the_instruction(tmp_path, tiny_llava):
+    from focalsearch.bench.genecis import _loader, read_task
+    from focalsearch.models import create_encoder
+
+    data = write_genecis(tmp_path, items_per_task=3)
+    for task in TASKS:  # the target no longer repeats the reference's image, so that the ranks follow the model
+        path = data / "genecis" / f"{task}.json"
+        records = json.loads(path.read_text())
+        for record in records:
+            record["target"], record["gallery"][0] = record["gallery"][0], record["target"]
+        path.write_text(json.dumps(records))
+    encoder = create_encoder(str(tiny_llava), device="cpu", precision="float32")
+    asked = _recording(encoder)
+    report = run_benchmark("genecis", encoder, data, instruction="what is the {condition}?")
+    assert set(asked) == {"what is the colour?"}  # the gallery too: no plain ("") encoding
+    assert report.encoder == "mllm" and report.details["query"] == "reference and candidates encoded under the instruction"
+    # The same ranks by hand, each item's images encoded under the instruction through encode_images.
+    load, every = _loader(data), []
+    for task in TASKS:
+        ranks = []
+        for item in read_task(data, task)[0]:
+            query = encoder.encode_images([load(item["reference"])], "what is the colour?")[0]
+            gallery = encoder.encode_images([load(k) for k in item["candidates"]], "what is the colour?")
+            ranks.append(stable_rank(gallery @ query, 0))
+        every.extend(ranks)
+        for k in (1, 2, 3):
+            assert report.metrics[f"{task}/R@{k}"] == pytest.approx(recall_at_k(ranks, k)), (task, k, ranks)
+    assert len(set(every)) > 1  # the targets do not all rank alike: the comparison has something to check
+
+
+def test_genecis_text_only_baseline_on_an_mllm_reads_its_text_and_unconditional_vectors(tmp_path, tiny_llava):
+    out = tmp_path / "report.json"
+    args = ["bench", "genecis", "--data", str(write_genecis(tmp_path / "data")), "--model", str(tiny_llava), "--encoder",
+            "text-only", "--device", "cpu", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["encoder"] == "text-only" and report["query"].startswith("the instruction's text feature alone")
+
+
+def test_celeba_with_an_mllm_encodes_every_attribute_in_one_call_per_batch(tmp_path, tiny_llava):
+    from focalsearch.models import create_encoder
+
+    encoder = create_encoder(str(tiny_llava), device="cpu", batch_size=8, precision="float32")
+    asked = _recording(encoder)
+    report = run_benchmark("celeba-attribute", encoder, write_celeba(tmp_path))
+    words = ["red channel", "green channel", "blue channel"]
+    assert asked == words * 2  # 12 test images in batches of 8: each batch under all three attributes at once
+    assert set(CELEBA_ATTRIBUTES) <= set(report.metrics)
+
+
+def test_bench_colorshape_prints_every_tier_for_an_mllm(tiny_llava):
+    result = runner.invoke(app, ["bench", "colorshape", "--model", str(tiny_llava), "--device", "cpu", "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    assert "(mllm, float32)" in result.stdout
+    for tier in ("held-out phrasings", "held-out synonyms", "held-out questions"):
+        assert f"mean/R@1, {tier}" in result.stdout
+
+
+def test_colorshape_runs_mllm_setups_beside_clip_on_the_same_items(tiny_llava, tiny_clip, tmp_path):
+    from focalsearch.bench.colorshape import ALL_SETUPS, MLLM_SETUPS, run, setup_parts, unavailable
+
+    assert set(MLLM_SETUPS) == {f"{m}{t}" for m in ("mllm", "mllm_focal")
+                                for t in ("", "_heldout_phrasing", "_heldout_synonyms", "_heldout_questions")}
+    assert set(ALL_SETUPS) > set(MLLM_SETUPS) and setup_parts("mllm_focal_heldout_synonyms") == ("mllm_focal", "synonyms")
+    setups = ("clip", "mllm", "mllm_heldout_questions", "mllm_focal")
+    results = run(str(tiny_clip), per_condition=1, device="cpu", setups=setups, mllm_model=str(tiny_llava),
+                  mllm_focal_model=str(tiny_llava))
+    assert list(results) == list(setups)
+    assert results["mllm"].to_dict() == results["mllm_focal"].to_dict()  # the same model on the same items
+    assert all(set(r.per_condition) == {"color", "shape", "count", "background", "size"} for r in results.values())
+    assert unavailable(str(tiny_llava)) is None
+    assert "does not exist" in unavailable(str(tmp_path / "no-such-model"))

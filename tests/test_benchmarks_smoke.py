@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ SMOKE: dict[str, list[str]] = {
     "genecis.py": ["--data", "{data}/genecis", "--model", "demo"],
     "memory.py": ["--sizes", "6"],
     "mllm_public_shapes.py": ["--shapes", "tiny-llava", "--images", "2", "--repeats", "1"],
+    "mllm_gpu.py": ["--shape", "tiny", "--device", "cpu", "--images", "4", "--repeats", "1"],  # the 7B shape needs CUDA
     "mmvp_vlm.py": ["--data", "{data}/mmvp", "--model", "demo"],
     "query_latency.py": ["--repeats", "1", "--kinds", "image", "--images", "4"],
     # The Ray half starts Ray (about 2 minutes here at 2 images); tests/test_ray.py runs the engine, and
@@ -42,7 +44,7 @@ SMOKE: dict[str, list[str]] = {
     "serve_latency.py": ["--images", "12", "--requests", "2", "--warmup", "1", "--concurrency", "1", "--uploads", "1",
                          "--cold-repeats", "1", "--precisions", "auto"],
     "sugarcrepe.py": ["--data", "{data}/sugarcrepe", "--model", "demo"],
-    "throughput.py": ["--models", "demo,vit-tiny", "--images", "3", "--vit-images", "2", "--conditions", "2", "--repeats", "1",
+    "throughput.py": ["--models", "demo,vit-tiny,mllm", "--mllm-model", "tiny", "--images", "3", "--vit-images", "2", "--conditions", "2", "--repeats", "1",
                       "--encode-repeats", "2", "--encode-seconds", "0", "--precision", "float32",
                       "--contention", "--contention-folder", "{four}", "--contention-policies", "default",
                       "--contention-busy", "0"],
@@ -112,6 +114,9 @@ def check_paper_benchmark(name: str, keys: set[str]):
 def check_colorshape(r: dict) -> None:
     assert {"clip", "clip+text", "focallens", "focallens_heldout_synonyms"} <= set(r["results"])
     assert r["items"]["per_condition"] == 2
+    for role in ("mllm", "mllm_focal"):  # every tier of each MLLM, or a note that its checkpoint is not installed
+        tiers = {f"{role}{t}" for t in ("", "_heldout_phrasing", "_heldout_synonyms", "_heldout_questions")}
+        assert (role in r["skipped"]) != (tiers <= set(r["results"])), (role, r["skipped"], list(r["results"]))
 
 
 def check_words(r: dict) -> None:
@@ -157,7 +162,12 @@ def check_serve_latency(r: dict) -> None:
 
 
 def check_throughput(r: dict) -> None:
-    assert set(r["results"]) == {"demo", "vit-tiny"}
+    assert set(r["results"]) == {"demo", "vit-tiny", "mllm"}
+    mllm = r["results"].pop("mllm")
+    assert mllm["images"] == 3 and mllm["encode_img_s"] > 0 and mllm["ratio_4_vs_1_reuse"] > 0
+    assert set(mllm["seconds"]) == {"reuse, 1", "reuse, 4", "whole, 1", "whole, 4", "processor", "vision tower + projector"}
+    assert 0.0 <= mllm["lm_share"] <= 1.0 and mllm["bound"] >= 1.0 and mllm["prefix_tokens"] > max(mllm["own_tokens"].values())
+    assert "mllm: prefix reuse, 4 instructions / 1" in r["goals"]
     for model, result in r["results"].items():
         per = result["encode_per_instruction"]
         assert set(per) == {"(plain)", "background", "how many objects are there?"}, model
@@ -165,12 +175,18 @@ def check_throughput(r: dict) -> None:
                    if k != "(plain)")
         assert result["index_2"]["max_decodes_per_image"] == 1  # each image decoded once for both instructions
         stages = result["breakdown_2"]["stages_s"]
-        assert {"encode 'background'", "encode 'how many objects are there?'", "waiting for decoded images", "commits (write)",
-                "scan"} <= set(stages), stages
+        assert {"encode (every instruction)", "waiting for decoded images", "commits (write)", "scan"} <= set(stages), stages
         # The steps are timed without overlap, so they cannot add up to more than the run took.
         assert stages["other (the indexer's loop)"] >= -1e-3, stages
         assert result["breakdown_2"]["encode_interleaved_s"] > 0
     assert r["contention"]["policies"]["default"]["quiet_img_s"] > 0
+    _goals(r)
+
+
+def check_mllm_gpu(r: dict) -> None:
+    (result,) = r["results"].values()
+    assert result["card"] == "cpu" and result["images"] == 4 and result["encode_img_s"] > 0
+    assert result["prefix_tokens"] == 2 + 16  # BOS, the user's role token, and the tiny shape's 16 image tokens
     _goals(r)
 
 
@@ -183,6 +199,7 @@ CHECKS = {
     "genecis.py": check_paper_benchmark("genecis", {"mean/R@1", "focus_attribute/R@1", "change_object/R@1"}),
     "memory.py": check_memory,
     "mllm_public_shapes.py": check_mllm_shapes,
+    "mllm_gpu.py": check_mllm_gpu,
     "mmvp_vlm.py": check_paper_benchmark("mmvp-vlm", {"mean", "Color", "Quantity"}),
     "query_latency.py": check_query_latency,
     "scale.py": check_scale,
@@ -246,3 +263,13 @@ def test_stage_clock_times_nested_steps_apart_and_restores_them():
     assert 0.05 <= clock.seconds["outer"] < 0.25  # its own sleep, not inner's 0.3 s
     assert 0.3 <= clock.seconds["inner"] < 0.6  # once: the call outside run() is not counted
     assert 0.06 <= clock.seconds["waiting"] < 0.3
+
+
+def test_mllm_gpu_refuses_in_one_line_without_cuda(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "mllm_gpu.py"), "--json", str(tmp_path / "out.json")], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("benchmarks/mllm_gpu.py needs a CUDA GPU (a 7B-shaped model in bf16); use --shape tiny "
+                                   "--device cpu for a dry run: no CUDA GPU is available here")
+    assert not (tmp_path / "out.json").exists()

@@ -46,6 +46,7 @@ DEFAULT_TEMPLATE = "{attribute}"
 QUERIES_PER_ATTRIBUTE = 100
 TEST_SPLIT = "2"
 REFERENCE_BY_MODEL = {"CLIP": 13.59, "MagicLens": 13.42, "InstructBLIP": 16.19, "FocalLens-CLIP": 21.32, "FocalLens-MLLM": 22.67}
+PAPER_MODEL = {"focallens": "FocalLens-CLIP", "mllm": "FocalLens-MLLM"}  # the paper's row for an encoder; else CLIP
 
 
 def attribute_words(name: str) -> str:
@@ -124,7 +125,7 @@ def run(encoder, data: Path, *, instruction: str | None = None, limit: int | Non
     over = f" over {len(metrics)} of {len(names)} attributes" if left_out else ""
     metrics[f"mean{over}"] = mean(metrics.values())
     metrics[f"chance mean{over}"] = mean(chance.values())
-    reference_model = "CLIP" if encoder.info.encoder != "focallens" else "FocalLens-CLIP"
+    reference_model = PAPER_MODEL.get(encoder.info.encoder, "CLIP")
     reference = {"mean": REFERENCE_BY_MODEL[reference_model]}
     reference.update({f"scaled mAP, 29 attributes ({m})": v for m, v in REFERENCE_BY_MODEL.items()})
     details = {"gallery": len(gallery), "instruction_template": template, "queries_per_attribute": QUERIES_PER_ATTRIBUTE,

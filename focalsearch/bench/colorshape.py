@@ -15,10 +15,13 @@ import numpy as np
 
 from focalsearch.synth import colorshape as cs
 
-SETUPS = ("clip", "clip+text", "focallens", "focallens_heldout_phrasing", "focallens_heldout_synonyms",
-          "focallens_heldout_questions")
-_PHRASING_OF_SETUP = {"focallens_heldout_phrasing": "heldout", "focallens_heldout_synonyms": "synonyms",
-                      "focallens_heldout_questions": "questions"}
+# A setup is a model read with an encoder, under the training phrasings or one held-out tier (its suffix).
+TIERS = {"": "train", "_heldout_phrasing": "heldout", "_heldout_synonyms": "synonyms", "_heldout_questions": "questions"}
+TIER_LABELS = {"heldout": "held-out phrasings", "synonyms": "held-out synonyms", "questions": "held-out questions"}
+SETUPS = ("clip", "clip+text", *(f"focallens{suffix}" for suffix in TIERS))
+# The MLLM family: prompted only ("mllm") and FocalLens-tuned ("mllm_focal"), each on every tier.
+MLLM_SETUPS = tuple(f"{name}{suffix}" for name in ("mllm", "mllm_focal") for suffix in TIERS)
+ALL_SETUPS = (*SETUPS, *MLLM_SETUPS)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,26 @@ def recall_at_1(
     return SetupResult(float(np.mean(list(per_condition.values()))), per_condition)
 
 
+def setup_parts(setup: str) -> tuple[str, str]:
+    """(the model's role: clip, clip+text, focallens, mllm or mllm_focal; the phrasing tier) of a setup."""
+    for suffix, phrasing in TIERS.items():
+        if suffix and setup.endswith(suffix):
+            return setup.removesuffix(suffix), phrasing
+    return setup, "train"
+
+
+def unavailable(model: str) -> str | None:
+    """Why ``model`` cannot be loaded (not installed, not on the hub or offline), or None when its config reads."""
+    from focalsearch.errors import FocalSearchError
+    from focalsearch.models.loading import load_config, resolve_model
+
+    try:
+        load_config(resolve_model(model))
+    except FocalSearchError as exc:
+        return str(exc)
+    return None
+
+
 def run(
     clip_model: str = "demo-clip",
     focallens_model: str = "demo",
@@ -73,21 +96,25 @@ def run(
     seed: int = 0,
     device: str = "auto",
     setups: tuple[str, ...] = SETUPS,
+    mllm_model: str = "demo-mllm",
+    mllm_focal_model: str = "demo-mllm-focal",
 ) -> dict[str, SetupResult]:
-    """Run the benchmark for each setup on the same held-out items."""
+    """Run the benchmark for each setup on the same held-out items; each (model, encoder) is loaded once."""
     from focalsearch.models import create_encoder
 
     items = cs.benchmark_items(per_condition, distractors, seed)
-    results = {}
+    loads = {"clip": (clip_model, "clip"), "clip+text": (clip_model, "clip+text"), "focallens": (focallens_model, "focallens"),
+             "mllm": (mllm_model, "mllm"), "mllm_focal": (mllm_focal_model, "mllm")}
+    by_load: dict[tuple[str, str], list[str]] = defaultdict(list)
     for setup in setups:
-        if setup in ("clip", "clip+text"):
-            encoder = create_encoder(clip_model, encoder=setup, device=device, batch_size=256)
-        else:
-            encoder = create_encoder(focallens_model, encoder="focallens", device=device, batch_size=256)
-        resolution = encoder.model.config.vision_config.image_size
-        phrasing = _PHRASING_OF_SETUP.get(setup, "train")
-        results[setup] = recall_at_1(items, encoder.encode_images, phrasing, resolution)
-    return results
+        by_load[loads[setup_parts(setup)[0]]].append(setup)
+    results = {}
+    for (model, kind), group in by_load.items():
+        encoder = create_encoder(model, encoder=kind, device=device, batch_size=256)
+        for setup in group:
+            results[setup] = recall_at_1(items, encoder.encode_images, setup_parts(setup)[1], encoder.min_decode_side)
+        del encoder
+    return {setup: results[setup] for setup in setups}
 
 
 def run_report(encoder, data=None, *, instruction: str | None = None, limit: int | None = None, progress: bool = False):
@@ -98,13 +125,12 @@ def run_report(encoder, data=None, *, instruction: str | None = None, limit: int
         raise BenchDataError("colorshape generates its own items and phrasings; drop --data and --instruction")
     per_condition = limit or 200
     items = cs.benchmark_items(per_condition, 4, 0)
-    resolution = encoder.model.config.vision_config.image_size
+    resolution = encoder.min_decode_side
     result = recall_at_1(items, encoder.encode_images, "train", resolution)
     metrics = {f"{c}/R@1": v * 100 for c, v in result.per_condition.items()}
     metrics["mean/R@1"] = result.mean * 100
-    if encoder.info.encoder == "focallens":
-        for phrasing, label in (("heldout", "held-out phrasings"), ("synonyms", "held-out synonyms"),
-                                ("questions", "held-out questions")):
+    if encoder.reads_instruction:
+        for phrasing, label in TIER_LABELS.items():
             metrics[f"mean/R@1, {label}"] = recall_at_1(items, encoder.encode_images, phrasing, resolution).mean * 100
     return BenchReport("colorshape", encoder.info.model, encoder.info.encoder, metrics,
                        details={"queries_per_condition": per_condition, "distractors": 4})

@@ -216,10 +216,10 @@ def encode_requests(
 ) -> dict[tuple[Hashable, str], np.ndarray]:
     """Encode each image key under each instruction that asks for it, decoding every image once.
 
-    ``requests`` maps an instruction to the image keys it needs. A plain ``clip`` encoder ignores
-    instructions, so its images are encoded once and shared.
+    ``requests`` maps an instruction to the image keys it needs. An encoder that ignores instructions
+    (plain ``clip``) encodes each image once, shared by every instruction.
     """
-    ignores_instruction = encoder.info.encoder == "clip"
+    ignores_instruction = not encoder.reads_instruction
     wanted: dict[Hashable, list[str]] = {}
     for instruction, group in requests.items():
         for key in group:
@@ -251,14 +251,15 @@ def encode_grid(
     workers: int = 8,
 ) -> dict[str, np.ndarray]:
     """Every image under every instruction, as one float16 (len(keys), dim) matrix per instruction."""
-    distinct = [""] if encoder.info.encoder == "clip" else list(dict.fromkeys(instructions))
+    reads = encoder.reads_instruction
+    distinct = list(dict.fromkeys(instructions)) if reads else [""]
     grids = {i: np.zeros((len(keys), encoder.info.dim), np.float16) for i in distinct}
     row = 0
     for chunk, pixels in _decoded_batches(encoder, keys, load, progress, desc, workers):
         for grid, encoded in zip(grids.values(), encoder.encode_batch(pixels, list(grids))):
             grid[row : row + len(chunk)] = encoded
         row += len(chunk)
-    return {i: grids["" if encoder.info.encoder == "clip" else i] for i in instructions}
+    return {i: grids[i if reads else ""] for i in instructions}
 
 
 def encode_raw_images(

@@ -25,11 +25,14 @@ Protocol, against the official code (eval/evaluate.py, eval/eval_functions.py ``
   L2-normalised embeddings are scored by dot product with the normalised query;
 - images are read as the official loaders read them: ``Image.open`` and RGB, no EXIF orientation
   (bench/common.py ``load_rgb``), so a Visual Genome box is cropped from the stored pixels;
-- the query, by encoder: ``focallens`` encodes reference and candidates under the instruction.
+- the query, by encoder: ``focallens`` and ``mllm`` encode reference and candidates under the instruction.
   The official baselines are the three modes of utils/model_utils.py ``FeatureComb``, each scored
   against the plain, normalised CLIP features of the candidates: ``clip`` is "image_only" (the
-  reference image alone); ``text-only`` (``--encoder text-only``, loads the checkpoint as plain
-  CLIP) is "text_only": normalise(text feature of the instruction), the reference image unused;
+  reference image alone); ``text-only`` (``--encoder text-only``) is "text_only": normalise(text
+  feature of the instruction), the reference image unused. It needs only the encoder's text vectors
+  and its empty-instruction image vectors, which are plain CLIP's in the CLIP family (FocalLens-CLIP's
+  included), and on an MLLM checkpoint are its text and unconditional vectors, the same form through
+  the one model;
   ``clip+text`` is "image_plus_text" at its default weight 0.5: normalise(0.5 * raw image + 0.5 *
   raw text), both CLIP embeddings taken *before* normalisation. We use that here instead of our
   general ``clip+text`` encoder (the normalised sum of the normalised embeddings) so that these
@@ -81,12 +84,12 @@ KS = (1, 2, 3)
 REFERENCE = {"focus_attribute/R@3": 43.30, "focus_object/R@3": 43.72}
 IMAGE_FOLDERS = {"object": "coco/val2017", "attribute": "vg/VG_100K_all"}
 QUERY = {
-    "focallens": "reference and candidates encoded under the instruction",
+    "conditioned": "reference and candidates encoded under the instruction",
     "clip": "the reference image alone (GeneCIS's image-only baseline)",
     "clip+text": "normalise(0.5 * raw image + 0.5 * raw instruction text), GeneCIS's image+text baseline",
     "text-only": "the instruction's text feature alone (GeneCIS's text-only baseline)",
 }
-BASELINES = ("text-only",)  # asked for with --encoder; the model is loaded as plain CLIP
+BASELINES = ("text-only",)  # asked for with --encoder
 
 
 def crop_instance(image: Image.Image, bbox: list[float], dilation: float = DILATION) -> Image.Image:
@@ -211,8 +214,9 @@ def select_tasks(
 
 
 def _scores_conditioned(encoder, tasks: dict[str, list[dict]], load, progress: bool) -> dict[str, list[np.ndarray]]:
-    """Candidate scores per item: focallens encodes both sides under the instruction, clip neither."""
-    conditioned_gallery = encoder.info.encoder == "focallens"
+    """Candidate scores per item: an encoder that reads the instruction (focallens, mllm) encodes both
+    sides under it, plain clip neither."""
+    conditioned_gallery = encoder.reads_instruction
     requests: dict[str, list] = defaultdict(list)
     for item in (item for items in tasks.values() for item in items):
         requests[item["instruction"]].append(item["reference"])
@@ -271,7 +275,7 @@ def run(
     baseline: str | None = None,
 ) -> BenchReport:
     """R@1/2/3 per task that can run, and their mean; ``baseline="text-only"`` runs GeneCIS's
-    text-only baseline with the encoder's plain CLIP features."""
+    text-only baseline with the encoder's text and empty-instruction image vectors."""
     if baseline is not None and baseline not in BASELINES:
         raise BenchDataError(f"{NAME}: unknown baseline {baseline!r}; use one of: {', '.join(BASELINES)}")
     template = instruction or DEFAULT_TEMPLATE
@@ -284,6 +288,7 @@ def run(
     label = baseline or encoder.info.encoder
     score = {"text-only": _scores_text_only, "clip+text": _scores_image_plus_text}.get(label, _scores_conditioned)
     scores = score(encoder, chosen, _loader(data), progress)
+    query = QUERY[label if label in QUERY else "conditioned" if encoder.reads_instruction else "clip"]
     metrics: dict[str, float] = {}
     for task in chosen:
         ranks = [rank(item_scores, 0) for item_scores in scores[task]]
@@ -294,7 +299,7 @@ def run(
         metrics[f"{mean_name}/R@{k}"] = mean(metrics[f"{task}/R@{k}"] for task in chosen)
     details = {
         "instruction_template": template,
-        "query": QUERY[label],
+        "query": query,
         "ties": ties,
         "items": {task: len(items) for task, items in chosen.items()},
         "tasks_left_out": left_out,

@@ -3,9 +3,10 @@
 Some take more options: ``ties`` (GeneCIS, MMVP-VLM), ``tasks`` and ``baseline`` (GeneCIS).
 
 Which encoder a run uses, so that the default is the official baseline (see encoder_to_load):
-``--encoder auto`` is ``focallens`` on a FocalLens-CLIP checkpoint; on a plain CLIP checkpoint it
-is plain ``clip`` for MMVP-VLM and SugarCrepe, whose official scripts score plain CLIP, and
-``clip+text`` elsewhere. ``--encoder text-only`` is GeneCIS's text-only baseline (split_encoder).
+``--encoder auto`` is ``focallens`` on a FocalLens-CLIP checkpoint and ``mllm`` on a vision-language
+one; on a plain CLIP checkpoint it is plain ``clip`` for MMVP-VLM and SugarCrepe, whose official
+scripts score plain CLIP, and ``clip+text`` elsewhere. ``--encoder text-only`` is GeneCIS's text-only
+baseline (split_encoder).
 """
 
 from __future__ import annotations
@@ -27,27 +28,31 @@ BENCHMARKS = {
 NEEDS_DATA = {name for name in BENCHMARKS if name != "colorshape"}
 EXTRA_OPTIONS = {"genecis": ("ties", "tasks", "baseline"), "mmvp-vlm": ("ties",)}
 _FLAGS = {"ties": "--ties", "tasks": "--task", "baseline": "--encoder text-only"}
-BASELINES = ("text-only",)  # a benchmark's own baseline, asked for with --encoder; it loads plain CLIP
+BASELINES = ("text-only",)  # a benchmark's own baseline, asked for with --encoder
 PLAIN_CLIP_BY_DEFAULT = ("mmvp-vlm", "sugarcrepe")  # their official scripts score plain CLIP
 
 
 def split_encoder(encoder: str) -> tuple[str, str | None]:
-    """(the encoder to load, the benchmark baseline asked for or None): ``text-only`` loads plain ``clip``."""
-    return ("clip", encoder) if encoder in BASELINES else (encoder, None)
+    """(the encoder to load, the benchmark baseline asked for or None). A baseline (``text-only``) loads
+    the checkpoint's own encoder: it reads only empty-instruction image vectors, which are the plain
+    ones in every family (FocalLens-CLIP's equal plain CLIP's), and text vectors."""
+    return ("auto", encoder) if encoder in BASELINES else (encoder, None)
 
 
-def is_focallens_checkpoint(model: str | None) -> bool:
-    """Whether the checkpoint is FocalLens-CLIP, from its config alone (no weights are read)."""
+def is_plain_clip_checkpoint(model: str | None) -> bool:
+    """Whether the checkpoint is plain CLIP (not FocalLens-CLIP, not a vision-language model), from its
+    config alone (no weights are read)."""
     from focalsearch.models.focallens_clip import FocalLensCLIPConfig
-    from focalsearch.models.loading import load_config, resolve_model
+    from focalsearch.models.loading import family_of, load_config, resolve_model
 
-    return isinstance(load_config(resolve_model(model)), FocalLensCLIPConfig)
+    config = load_config(resolve_model(model))
+    return family_of(config) == "clip" and not isinstance(config, FocalLensCLIPConfig)
 
 
 def encoder_to_load(name: str, encoder: str, model: str | None) -> str:
     """``--encoder`` as the benchmark runs it: ``auto`` on a plain CLIP checkpoint is ``clip`` for
     MMVP-VLM and SugarCrepe (the official baselines); anything else is left to the encoder."""
-    if encoder == "auto" and name in PLAIN_CLIP_BY_DEFAULT and not is_focallens_checkpoint(model):
+    if encoder == "auto" and name in PLAIN_CLIP_BY_DEFAULT and is_plain_clip_checkpoint(model):
         return "clip"
     return encoder
 

@@ -73,6 +73,10 @@ class ClipFamilyEncoder(ConditionalEncoder):
         self._instruction_cache: dict[tuple[str, torch.dtype | None], torch.Tensor] = {}
         self._lock = threading.Lock()
 
+    @property
+    def reads_instruction(self) -> bool:
+        return self.info.encoder != "clip"
+
     # -- inputs -------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize, crop and normalise RGB images into a (N, 3, H, W) float32 tensor."""

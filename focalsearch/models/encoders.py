@@ -112,6 +112,11 @@ class ConditionalEncoder(ABC):
     batch_size: int = 32
     image_processor = None
 
+    @property
+    def reads_instruction(self) -> bool:
+        """Whether an image's vector depends on the instruction; when not (plain ``clip``), one encoding serves them all."""
+        return True
+
     # -- inputs -------------------------------------------------------------------------------
     @property
     def min_decode_side(self) -> int:

@@ -83,14 +83,15 @@ class MllmEncoder(ConditionalEncoder):
     """A vision-language checkpoint (AutoModelForImageTextToText) read as a conditional encoder.
 
     ``reuse_prefix`` False runs every instruction over the whole sequence: the reference that prefix
-    reuse must equal, and the baseline it is measured against.
+    reuse must equal, and the baseline it is measured against. ``loaded``: (model, processor, head or
+    None) already in memory instead of read from ``ref`` (a benchmark's random model of a real shape).
     """
 
     def __init__(self, ref: ModelRef, device: str = "auto", batch_size: int = 32, precision: str = "auto",
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, loaded: tuple | None = None):
         self.device = pick_device(device)
         self.dtype, self.autocast_dtype = compute_dtypes(self.device, precision)
-        model, processor, head = load_mllm_family(ref)
+        model, processor, head = loaded or load_mllm_family(ref)
         self.model = model.to(self.device, dtype=self.dtype)
         self.processor = processor
         self.tokenizer = processor.tokenizer
