@@ -262,8 +262,8 @@ def mllm_reuse_figures(encoder, images, instructions, batch_size: int, repeats: 
 
 
 def reuse_goal(ratio: float, bound: float) -> dict:
-    """The prefix-reuse goal: 4 vs 1 <= GOAL_REUSE, or within GOAL_REUSE_BOUND of the token bound where the bound is above it."""
-    if bound <= GOAL_REUSE:
+    """The prefix-reuse goal: 4 vs 1 <= GOAL_REUSE; failing that, where the token bound is above it, within GOAL_REUSE_BOUND of the bound."""
+    if bound <= GOAL_REUSE or ratio <= GOAL_REUSE:
         return {"measured": ratio, "target": GOAL_REUSE, "holds": ratio <= GOAL_REUSE, "rule": f"<= {GOAL_REUSE}"}
     target = bound * (1 + GOAL_REUSE_BOUND)
     return {"measured": ratio, "target": target, "holds": ratio <= target,

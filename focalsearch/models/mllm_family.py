@@ -6,13 +6,12 @@ L2-normalised (through the learned head of a FocalLens-trained checkpoint). A te
 a matching "in one word" prompt.
 
 The image comes before the instruction, so the vision tower, the projector and the language model's
-key/value cache over that prefix are computed once per image batch. The cache is then expanded along
-the batch, one row per (image, instruction), and every instruction's own few tokens run in one pass.
+pass over that prefix are computed once per image batch: every instruction's own few tokens follow the
+prefix in the same row, each behind a block mask that shows it the prefix and itself only.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Sequence
 
@@ -26,8 +25,6 @@ from focalsearch.models.loading import ModelRef, load_mllm_family
 from focalsearch.models.mllm_prompts import DEFAULT_TEMPLATES, PromptTemplates
 
 _SLOT = "\x00focalsearch-user-text\x00"
-# (image, instruction) rows that share one expanded cache; more instructions run in further passes
-MAX_ROWS_PER_BATCH_IMAGE = 4
 
 
 def templates_of(config) -> PromptTemplates:
@@ -159,24 +156,39 @@ class MllmEncoder(ConditionalEncoder):
         return [np.ascontiguousarray(vectors[:, k]) for k in range(len(instructions))]
 
     def _with_prefix_reuse(self, prefix: dict, suffix: dict) -> torch.Tensor:
-        """(images, instructions, width): the prefix once, then every instruction against its cache."""
-        images, count = prefix["input_ids"].shape[0], suffix["input_ids"].shape[0]
-        cache = self.language_model(**prefix, use_cache=True).past_key_values
-        per_pass = max(1, MAX_ROWS_PER_BATCH_IMAGE)
-        out = []
-        for start in range(0, count, per_pass):
-            ids = suffix["input_ids"][start : start + per_pass]
-            mask = suffix["attention_mask"][start : start + per_pass]
-            group = ids.shape[0]
-            last_pass = start + per_pass >= count
-            rows = cache if last_pass else copy.deepcopy(cache)  # a pass appends to the cache it reads
-            if group > 1:
-                rows.batch_repeat_interleave(group)  # row i * group + k: image i, instruction k
-            attention = torch.cat([prefix["attention_mask"].repeat_interleave(group, dim=0), mask.repeat(images, 1)], dim=1)
-            hidden = self.language_model(input_ids=ids.repeat(images, 1), attention_mask=attention, cache=rows,
-                                         use_cache=True).last_hidden_state
-            out.append(last_states(hidden, mask.repeat(images, 1)).reshape(images, group, -1))
-        return torch.cat(out, dim=1)
+        """(images, instructions, width): one pass over each image's prefix followed by every instruction's
+        tokens, packed into one row. A block mask lets each instruction see the prefix and itself only, and
+        its positions restart where the prefix ends, so each reads exactly as if it were alone after the image.
+
+        Packing shares the prefix without copying its keys and values per instruction (expanding a
+        prefix cache along the batch copies them, and costs a second pass).
+        """
+        images, width = prefix["input_ids"].shape
+        lengths = suffix["attention_mask"].sum(dim=1).tolist()
+        if len(lengths) == 1:  # nothing to share: the plain causal pass is the fastest
+            return self._whole(prefix, suffix, 0)[:, None]
+        device = prefix["input_ids"].device
+        ids, positions, ends = [prefix["input_ids"]], [torch.arange(width, device=device)], []
+        allowed = [torch.ones(width, width, dtype=torch.bool, device=device).tril()]
+        for k, length in enumerate(lengths):
+            ids.append(suffix["input_ids"][k : k + 1, :length].expand(images, length))
+            positions.append(width + torch.arange(length, device=device))
+            ends.append(width + sum(lengths[: k + 1]) - 1)
+        total = width + sum(lengths)
+        mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+        mask[:width, :width] = allowed[0]
+        start = width
+        for length in lengths:
+            mask[start : start + length, :width] = True
+            mask[start : start + length, start : start + length] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            start += length
+        keys = torch.cat([prefix["attention_mask"].bool(), torch.ones(images, total - width, dtype=torch.bool, device=device)], dim=1)
+        mask = (mask[None, None] & keys[:, None, None, :]) | torch.eye(total, dtype=torch.bool, device=device)  # a pad sees itself
+        additive = torch.zeros(mask.shape, dtype=self.dtype, device=device).masked_fill_(~mask, torch.finfo(self.dtype).min)
+        inputs = {**prefix, "input_ids": torch.cat(ids, dim=1), "attention_mask": additive,
+                  "position_ids": torch.cat(positions)[None].expand(images, total)}
+        hidden = self.language_model(**inputs, use_cache=False).last_hidden_state
+        return hidden[:, ends]
 
     def _whole(self, prefix: dict, suffix: dict, k: int) -> torch.Tensor:
         """(images, width): instruction k read with the image in one pass over the whole sequence."""
