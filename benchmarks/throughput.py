@@ -38,8 +38,8 @@ same for ViT-L/14 at 336 px (24x1024 vision, 12x768 text layers; ~1.7 GB of floa
 The `mllm` case measures the MLLM family (--mllm-model: demo-mllm by default, a checkpoint, or a random
 LLaVA of a shape: `demo-shape` is demo-mllm's, `tiny` the smoke run's) on the same JPEGs, each decoded
 once: its encode rate (img/s, 1 instruction, prefix reuse), and the time of 4 instructions against 1
-with prefix reuse (the image prefix's key/value cache computed once per batch and expanded for every
-instruction) and without (every instruction reads the whole sequence), the best of `--repeats` rounds
+with prefix reuse (the image prefix read once per batch, every instruction's tokens packed behind it in
+the same row under a block mask) and without (every instruction reads the whole sequence), the best of `--repeats` rounds
 that take the cases in an order rotated every round. Beside them, the bound that token counts set:
 1 + 3 x (the language model's share of the 1-instruction time) x (a further instruction's own tokens:
 the instruction, the ask for a one-word answer, the template's close / all tokens of the 1-instruction
