@@ -197,3 +197,16 @@ def test_serve_with_two_workers_answers_alike(mllm_index):
 def test_the_ray_engine_says_it_takes_clip_models_only(mllm_index):
     out = cli("index", mllm_index["photos"], "-i", "color", "--index", mllm_index["index"], "--engine", "ray")
     assert out.exit_code == 2 and "CLIP-family models only" in out.stderr and "Traceback" not in out.output
+
+
+def test_a_family_whose_reading_packing_would_change_is_refused(tiny_llava, tmp_path):
+    model = tmp_path / "qwen-like"
+    shutil.copytree(tiny_llava, model)
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "qwen2_vl"
+    (model / "config.json").write_text(json.dumps(config))
+    photos = tmp_path / "photos"
+    make_image_folder(photos, 2)
+    out = cli("index", photos, "-i", "color", "--model", model, "--index", tmp_path / "index")
+    assert out.exit_code == 2 and "does not support yet: its 3-D rotary positions" in out.stderr
+    assert "Traceback" not in out.output

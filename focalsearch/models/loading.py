@@ -177,6 +177,17 @@ def family_of(config) -> str:
     return "unknown"
 
 
+# Vision-language families whose reading the MLLM encoder would change: it packs every instruction
+# behind the image prefix under its own causal block mask, with positions restarting after the prefix.
+UNSUPPORTED_MLLMS = {
+    "qwen2_vl": "its 3-D rotary positions are computed over the whole sequence",
+    "qwen2_5_vl": "its 3-D rotary positions are computed over the whole sequence",
+    "qwen3_vl": "its 3-D rotary positions are computed over the whole sequence",
+    "paligemma": "its image and prompt attend to each other both ways, not causally",
+    "gemma3": "its image tokens attend to each other both ways, not causally",
+}
+
+
 # A FocalLens-trained MLLM keeps its projection head beside the transformers checkpoint, which stays
 # loadable as the plain vision-language model it was.
 MLLM_HEAD_FILE = "focallens_head.safetensors"
@@ -197,6 +208,9 @@ def load_mllm_family(ref: ModelRef):
     if family_of(config) != "mllm":
         raise ModelLoadError(f"model {ref.model_id} is a '{config.model_type}' checkpoint, not a vision-language model "
                              "that transformers' AutoModelForImageTextToText loads")
+    if config.model_type in UNSUPPORTED_MLLMS:
+        raise ModelLoadError(f"model {ref.model_id} is a '{config.model_type}' checkpoint, which the MLLM encoder does not "
+                             f"support yet: {UNSUPPORTED_MLLMS[config.model_type]}")
     try:
         model = AutoModelForImageTextToText.from_pretrained(ref.location, use_safetensors=True, **options)
         processor = AutoProcessor.from_pretrained(ref.location, backend=IMAGE_PROCESSOR_BACKEND, **options)
