@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,39 @@ def test_a_family_whose_reading_packing_would_change_is_refused(tiny_llava, tmp_
     out = cli("index", photos, "-i", "color", "--model", model, "--index", tmp_path / "index")
     assert out.exit_code == 2 and "does not support yet: its 3-D rotary positions" in out.stderr
     assert "Traceback" not in out.output
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "colorshape"
+
+
+def colour_of(path: str) -> str:
+    return Path(path).stem.split("-")[1]
+
+
+def test_the_bundled_demo_mllm_indexes_queries_and_serves(tmp_path):
+    """The shipped miniature LLaVA, prompted only, through index -> query -> serve on the example images."""
+    from focalsearch.server.app import create_app
+
+    index = tmp_path / "index"
+    built = cli("index", EXAMPLES, "-i", "color", "-i", "background", "--model", "demo-mllm", "--index", index, "--json")
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["conditions"] == {"color": 120, "background": 120}
+    query = EXAMPLES / "images" / "00014-blue-triangle-on-black.png"
+    out = cli("query", query, "-i", "color", "-k", "5", "--index", index, "--json")
+    assert out.exit_code == 0, out.output
+    hits = [h["path"] for h in json.loads(out.stdout)["results"]]
+    assert [colour_of(p) for p in hits] == ["blue"] * 5  # prompted only, colour is what it reads best
+    application = create_app(index)
+    with TestClient(application, base_url="http://127.0.0.1") as client:
+        found = client.post("/api/search", json={"text": "blue", "instruction": "color", "k": 5})
+        assert found.status_code == 200, found.text
+        assert sum(colour_of(r["path"]) == "blue" for r in found.json()["results"]) >= 4
+        from focalsearch.store import row_id
+
+        compared = client.post("/api/compare", json={"image_id": row_id(str(query.resolve())),
+                                                      "instructions": ["color", "background"], "k": 5})
+        assert compared.status_code == 200, compared.text
+        color, background = compared.json()["columns"]
+        assert [colour_of(r["path"]) for r in color["results"]] == ["blue"] * 5
+        assert all(r["path"].endswith("-on-black.png") for r in background["results"])
+    application.state.engine.close()

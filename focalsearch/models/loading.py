@@ -15,7 +15,7 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 MODEL_ENV_VAR = "FOCALSEARCH_MODEL"
 # Small checkpoints shipped inside the package (scripts/build_demo_models.py rebuilds them).
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-BUNDLED_MODELS = ("demo", "demo-clip")
+BUNDLED_MODELS = ("demo", "demo-clip", "demo-mllm")
 
 _OFFLINE_HINT = (
     "pass --model PATH to a local checkpoint folder "
