@@ -61,7 +61,7 @@ MLLM_ARCHITECTURE = dict(width=256, layers=4, heads=4, intermediate=1024, vision
                          vision_feature_select_strategy="full")
 MLLM_VOCAB = 1000
 MLLM_MIX = ChatMix(caption=0.2, text=0.2, phrasing_noise=0.5, recolor=0.5)
-MLLM_TRAINING = GenerativeOptions(steps=1500, batch_size=64, lr=2e-3, warmup=100, train_vision_from=100, vision_lr=3e-4,
+MLLM_TRAINING = GenerativeOptions(steps=500, batch_size=64, lr=2e-3, warmup=100, train_vision_from=100, vision_lr=3e-4,
                                   per_chat=True)
 
 
